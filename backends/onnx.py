@@ -1,0 +1,233 @@
+"""ONNX backend: the IR emitted directly with onnx.helper (no tracing), opset 18 to 23.
+
+Initializers carry the IR's parameter names. Symbolic dimensions become `dim_param`s, so
+one file serves every batch size. Training-only buffers (`num_batches_tracked`) are left out.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lbdlc.errors import SpecError
+from lbdlc.ir import Graph, Node, TensorType
+from lbdlc.ops.rules import axis, pair
+
+DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 20, 18, 23
+# ONNX Runtime 1.31 reads IR version <= 13; onnx 1.23 would write 14 by default.
+IR_VERSION = {18: 8, 19: 9, 20: 10, 21: 10, 22: 10, 23: 11}
+
+ONNX_DTYPES = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+    "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
+    "bool": TensorProto.BOOL,
+}
+
+
+class Emission:
+    """The graph being built: nodes, initializers, and fresh names scoped by IR node."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._counter = 0
+
+    def add(self, op_type: str, inputs: list[str], output: str, scope: str, **attrs) -> str:
+        self._counter += 1
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=f"{scope}/{op_type}_{self._counter}", **attrs))
+        return output
+
+    def temp(self, scope: str, what: str) -> str:
+        self._counter += 1
+        return f"{scope}/{what}_{self._counter}"
+
+    def const(self, scope: str, what: str, array: np.ndarray) -> str:
+        name = self.temp(scope, what)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+
+# (emission, node, input names, output name) -> None; adds nodes producing `out`.
+Emitter = Callable[[Emission, Node, list[str], str], None]
+
+
+def _unary(op_type: str, **fixed) -> Emitter:
+    return lambda e, n, x, out: e.add(op_type, x[:1], out, n.name, **fixed)
+
+
+def _linear(e, n, x, out):
+    w = n.params["weight"]
+    b = [n.params["bias"]] if "bias" in n.params else []
+    if n.inputs[0].type.rank == 2:
+        e.add("Gemm", [x[0], w, *b], out, n.name, transB=1)
+        return
+    wt = e.add("Transpose", [w], e.temp(n.name, "weight_t"), n.name, perm=[1, 0])
+    if not b:
+        e.add("MatMul", [x[0], wt], out, n.name)
+        return
+    y = e.add("MatMul", [x[0], wt], e.temp(n.name, "matmul"), n.name)
+    e.add("Add", [y, b[0]], out, n.name)
+
+
+def _conv2d(e, n, x, out):
+    a = n.attrs
+    ph, pw = pair(a.padding)
+    inputs = [x[0], n.params["weight"]] + ([n.params["bias"]] if "bias" in n.params else [])
+    e.add(
+        "Conv", inputs, out, n.name,
+        kernel_shape=list(pair(a.kernel_size)), strides=list(pair(a.stride)),
+        pads=[ph, pw, ph, pw], dilations=list(pair(a.dilation)), group=a.groups,
+    )
+
+
+def _pool(op_type: str, **fixed) -> Emitter:
+    def emit(e, n, x, out):
+        a = n.attrs
+        ph, pw = pair(a.padding)
+        stride = a.stride if a.stride is not None else a.kernel_size
+        e.add(op_type, x[:1], out, n.name, kernel_shape=list(pair(a.kernel_size)), strides=list(pair(stride)), pads=[ph, pw, ph, pw], **fixed)
+
+    return emit
+
+
+def _gelu(e, n, x, out):
+    approximate = n.attrs.approximate
+    if e.opset >= 20:
+        e.add("Gelu", x[:1], out, n.name, approximate=approximate)
+        return
+    f32 = lambda v: np.array(v, dtype=np.float32)  # noqa: E731
+    s = n.name
+    if approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = e.add("Mul", [e.add("Mul", [x[0], x[0]], e.temp(s, "x2"), s), x[0]], e.temp(s, "x3"), s)
+        inner = e.add("Add", [x[0], e.add("Mul", [cube, e.const(s, "c", f32(0.044715))], e.temp(s, "cx3"), s)], e.temp(s, "inner"), s)
+        t = e.add("Tanh", [e.add("Mul", [inner, e.const(s, "k", f32(math.sqrt(2 / math.pi)))], e.temp(s, "scaled"), s)], e.temp(s, "tanh"), s)
+    else:  # 0.5 x (1 + erf(x / sqrt 2))
+        t = e.add("Erf", [e.add("Div", [x[0], e.const(s, "sqrt2", f32(math.sqrt(2)))], e.temp(s, "scaled"), s)], e.temp(s, "erf"), s)
+    one_plus = e.add("Add", [t, e.const(s, "one", f32(1.0))], e.temp(s, "one_plus"), s)
+    half_x = e.add("Mul", [x[0], e.const(s, "half", f32(0.5))], e.temp(s, "half_x"), s)
+    e.add("Mul", [half_x, one_plus], out, s)
+
+
+def _batch_norm(e, n, x, out):
+    p = n.params
+    e.add("BatchNormalization", [x[0], p["weight"], p["bias"], p["running_mean"], p["running_var"]], out, n.name, epsilon=n.attrs.eps)
+
+
+def _layer_norm(e, n, x, out):
+    a = n.attrs
+    if a.elementwise_affine:
+        scale = n.params["weight"]
+    else:
+        scale = e.const(n.name, "ones", np.ones(a.normalized_shape, np.float32))
+    bias = [n.params["bias"]] if "bias" in n.params else []
+    e.add("LayerNormalization", [x[0], scale, *bias], out, n.name, axis=-1, epsilon=a.eps)
+
+
+def reshape_target(src: tuple, dst: tuple) -> list[int]:
+    """A Reshape shape tensor: fixed sizes, 0 to copy a symbolic dim in place, one -1 for the rest."""
+    target = []
+    for k, d in enumerate(dst):
+        if isinstance(d, int):
+            target.append(d)
+        elif k < len(src) and d == src[k]:
+            target.append(0)
+        else:
+            target.append(-1)
+    if target.count(-1) > 1:
+        raise ValueError(f"cannot express the reshape {list(src)} -> {list(dst)} with one inferred dimension")
+    return target
+
+
+def _reshape_to_output(e, n, x, out):
+    target = reshape_target(n.inputs[0].type.shape, n.outputs[0].type.shape)
+    e.add("Reshape", [x[0], e.const(n.name, "shape", np.array(target, np.int64))], out, n.name)
+
+
+def _flatten(e, n, x, out):
+    rank = n.inputs[0].type.rank
+    if axis(n.attrs.end_dim, rank) == rank - 1:  # ONNX Flatten always ends at the last dim ...
+        if axis(n.attrs.start_dim, rank) == 1 or rank == 2:  # ... and makes 2-D output
+            e.add("Flatten", x[:1], out, n.name, axis=axis(n.attrs.start_dim, rank))
+            return
+    _reshape_to_output(e, n, x, out)
+
+
+def _add(e, n, x, out):
+    acc = x[0]
+    for k, term in enumerate(x[1:], start=1):
+        acc = e.add("Add", [acc, term], out if k == len(x) - 1 else e.temp(n.name, "sum"), n.name)
+
+
+EMITTERS: dict[str, Emitter] = {
+    "linear": _linear,
+    "conv2d": _conv2d,
+    "max_pool2d": _pool("MaxPool"),
+    "avg_pool2d": _pool("AveragePool", count_include_pad=1),
+    "global_avg_pool2d": _unary("GlobalAveragePool"),
+    "relu": _unary("Relu"),
+    "leaky_relu": lambda e, n, x, out: e.add("LeakyRelu", x[:1], out, n.name, alpha=n.attrs.negative_slope),
+    "gelu": _gelu,
+    "tanh": _unary("Tanh"),
+    "sigmoid": _unary("Sigmoid"),
+    "softmax": lambda e, n, x, out: e.add("Softmax", x[:1], out, n.name, axis=n.attrs.dim),
+    "dropout": _unary("Identity"),  # inference artifact: dropout is the identity
+    "batch_norm": _batch_norm,
+    "layer_norm": _layer_norm,
+    "flatten": _flatten,
+    "reshape": _reshape_to_output,
+    "add": _add,
+    "concat": lambda e, n, x, out: e.add("Concat", x, out, n.name, axis=n.attrs.dim),
+}
+
+def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
+    dims = [d if isinstance(d, int) else str(d) if d.is_Symbol else None for d in t.shape]
+    return helper.make_tensor_value_info(name, ONNX_DTYPES[t.dtype], dims)
+
+
+def to_onnx(graph: Graph, weights: dict, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SpecError(f"opset {opset} is not supported", hint=f"choose an opset from {MIN_OPSET} to {MAX_OPSET}")
+    e = Emission(opset)
+    for node in graph.nodes:
+        if node.op not in EMITTERS:
+            raise SpecError(f"the ONNX backend cannot emit op '{node.op}'", node.origin)
+        try:
+            EMITTERS[node.op](e, node, [v.name for v in node.inputs], node.outputs[0].name)
+        except ValueError as exc:
+            raise SpecError(f"the ONNX backend cannot emit layer '{node.name}': {exc}", node.origin) from None
+    initializers = [
+        numpy_helper.from_array(np.ascontiguousarray(weights[name].numpy()), name)
+        for name in graph.inference_params()
+    ]
+    onnx_graph = helper.make_graph(
+        e.nodes,
+        graph.name,
+        [_value_info(v.name, v.type) for v in graph.inputs],
+        [_value_info(v.name, v.type) for v in graph.outputs],
+        initializer=initializers + e.initializers,
+    )
+    model = helper.make_model(
+        onnx_graph,
+        opset_imports=[helper.make_opsetid("", opset)],
+        producer_name="lbdlc",
+        ir_version=IR_VERSION[opset],
+    )
+    return model
+
+
+def write(graph: Graph, weights: dict, out_dir: Path, opset: int = DEFAULT_OPSET) -> list[Path]:
+    model = to_onnx(graph, weights, opset)
+    path = out_dir / "model.onnx"
+    if model.ByteSize() > 2**31 - 1024:  # protobuf's 2 GB limit: weights go to a side file
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+        return [path, out_dir / "model.onnx.data"]
+    onnx.save_model(model, path)
+    return [path]

@@ -1,0 +1,215 @@
+"""PyTorch backend: a standalone, readable `model.py` (an nn.Module) generated from the IR.
+
+Each op has an emitter returning the submodule to create (or None for stateless ops, which
+become `F.*` calls) and the forward expression. Submodule names are the IR's node names, so
+`state_dict()` keys are the IR's parameter names.
+"""
+from __future__ import annotations
+
+import keyword
+from pathlib import Path
+from typing import Callable
+
+from lbdlc.errors import SpecError
+from lbdlc.ir import Graph, Node, Value
+from lbdlc.ops.rules import pair
+
+# (node, input variable names) -> (submodule constructor or None, forward expression).
+# A forward expression may use `{self}` for the node's submodule.
+Emitter = Callable[[Node, list[str]], tuple[str | None, str]]
+
+
+def _args(*positional, **keywords_with_defaults) -> str:
+    """Positional args, then keyword args whose value differs from the given default."""
+    parts = [str(p) for p in positional]
+    for key, (value, default) in keywords_with_defaults.items():
+        if value != default:
+            parts.append(f"{key}={value!r}")
+    return ", ".join(parts)
+
+
+def _size(v):
+    """Print (k, k) as k, the way people write kernel sizes."""
+    a, b = pair(v)
+    return a if a == b else (a, b)
+
+
+def _linear(n, x):
+    a = n.attrs
+    return f"nn.Linear({_args(a.in_features, a.out_features, bias=(a.bias, True))})", f"{{self}}({x[0]})"
+
+
+def _conv2d(n, x):
+    a = n.attrs
+    args = _args(
+        a.in_channels,
+        a.out_channels,
+        kernel_size=(_size(a.kernel_size), None),
+        stride=(_size(a.stride), 1),
+        padding=(_size(a.padding), 0),
+        dilation=(_size(a.dilation), 1),
+        groups=(a.groups, 1),
+        bias=(a.bias, True),
+    )
+    return f"nn.Conv2d({args})", f"{{self}}({x[0]})"
+
+
+def _pool(fn):
+    def emit(n, x):
+        a = n.attrs
+        stride = _size(a.stride) if a.stride is not None else None
+        return None, f"F.{fn}({_args(x[0], kernel_size=(_size(a.kernel_size), None), stride=(stride, None), padding=(_size(a.padding), 0))})"
+
+    return emit
+
+
+def _batch_norm(n, x):
+    a = n.attrs
+    kind = "BatchNorm2d" if n.inputs[0].type.rank == 4 else "BatchNorm1d"
+    return f"nn.{kind}({_args(a.num_features, eps=(a.eps, 1e-5), momentum=(a.momentum, 0.1))})", f"{{self}}({x[0]})"
+
+
+def _layer_norm(n, x):
+    a = n.attrs
+    args = _args(a.normalized_shape, eps=(a.eps, 1e-5), elementwise_affine=(a.elementwise_affine, True), bias=(a.bias, True))
+    return f"nn.LayerNorm({args})", f"{{self}}({x[0]})"
+
+
+def _reshape(n, x):
+    src = n.inputs[0].type.shape
+    dims = []
+    for k, d in enumerate(n.outputs[0].type.shape):
+        if isinstance(d, int):
+            dims.append(str(d))
+        elif k < len(src) and d == src[k]:
+            dims.append(f"{x[0]}.shape[{k}]")
+        else:
+            dims.append("-1")
+    return None, f"{x[0]}.reshape({', '.join(dims)})"
+
+
+EMITTERS: dict[str, Emitter] = {
+    "linear": _linear,
+    "conv2d": _conv2d,
+    "max_pool2d": _pool("max_pool2d"),
+    "avg_pool2d": _pool("avg_pool2d"),
+    "global_avg_pool2d": lambda n, x: (None, f"F.adaptive_avg_pool2d({x[0]}, 1)"),
+    "relu": lambda n, x: (None, f"F.relu({x[0]})"),
+    "leaky_relu": lambda n, x: (None, f"F.leaky_relu({_args(x[0], negative_slope=(n.attrs.negative_slope, 0.01))})"),
+    "gelu": lambda n, x: (None, f"F.gelu({_args(x[0], approximate=(n.attrs.approximate, 'none'))})"),
+    "tanh": lambda n, x: (None, f"torch.tanh({x[0]})"),
+    "sigmoid": lambda n, x: (None, f"torch.sigmoid({x[0]})"),
+    "softmax": lambda n, x: (None, f"F.softmax({x[0]}, dim={n.attrs.dim})"),
+    "dropout": lambda n, x: (f"nn.Dropout({_args(p=(n.attrs.p, 0.5))})", f"{{self}}({x[0]})"),
+    "batch_norm": _batch_norm,
+    "layer_norm": _layer_norm,
+    "flatten": lambda n, x: (None, f"torch.flatten({_args(x[0], n.attrs.start_dim, end_dim=(n.attrs.end_dim, -1))})"),
+    "reshape": _reshape,
+    "add": lambda n, x: (None, " + ".join(x)),
+    "concat": lambda n, x: (None, f"torch.cat([{', '.join(x)}], dim={n.attrs.dim})"),
+}
+
+_RESERVED = {"self", "torch", "nn", "F", "x"}
+
+
+def class_name(graph: Graph) -> str:
+    return "".join(p[:1].upper() + p[1:] for p in graph.name.split("_") if p) or "Model"
+
+
+def _variable_names(graph: Graph) -> dict[int, str]:
+    """`x` for a value that only feeds the next node (a chain reads like hand-written code);
+    the layer's own name for values that are reused later (skips, multiple outputs)."""
+    users = graph.users()
+    first = graph.nodes[0] if graph.nodes else None
+    # An input called `x` may keep its name only if the chain variable `x` never outlives it.
+    names = {id(v): "x" if v.name == "x" and users.get(id(v)) == [first] else _safe(v.name) for v in graph.inputs}
+    outputs = [id(v) for v in graph.outputs]
+    last = len(graph.nodes) - 1
+    for i, node in enumerate(graph.nodes):
+        for v in node.outputs:
+            consumers = users.get(id(v), [])
+            feeds_next = (
+                len(node.outputs) == 1
+                and len(consumers) == 1
+                and i < last
+                and consumers[0] is graph.nodes[i + 1]
+                and id(v) not in outputs
+            )
+            is_final = outputs == [id(v)] and i == last and not consumers
+            names[id(v)] = "x" if feeds_next or is_final else _safe(v.name)
+    return names
+
+
+def _safe(name: str) -> str:
+    return name + "_" if keyword.iskeyword(name) or name in _RESERVED else name
+
+
+def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_version: str) -> str:
+    """The source of model.py."""
+    import torch.nn as nn
+
+    module_attrs = set(dir(nn.Module))
+    var = _variable_names(graph)
+    init_lines, forward_lines = [], []
+    for node in graph.nodes:
+        if node.op not in EMITTERS:
+            raise SpecError(f"the PyTorch backend cannot emit op '{node.op}'", node.origin)
+        module, expr = EMITTERS[node.op](node, [var[id(v)] for v in node.inputs])
+        if module is not None:
+            if node.name in module_attrs:
+                raise SpecError(
+                    f"the layer name '{node.name}' clashes with an attribute of torch.nn.Module",
+                    node.origin,
+                    hint="rename the layer",
+                )
+            where = f"  # {Path(spec_file).name}:{node.origin.line}" if node.origin else ""
+            init_lines.append(f"self.{node.name} = {module}{where}")
+            expr = expr.format(self=f"self.{node.name}")
+        targets = ", ".join(var[id(v)] for v in node.outputs)
+        forward_lines.append(f"{targets} = {expr}")
+
+    signature = ", ".join(f"{var[id(v)]}: torch.Tensor" for v in graph.inputs)
+    results = [var[id(v)] for v in graph.outputs]
+    returns = "torch.Tensor" if len(results) == 1 else "tuple[" + ", ".join(["torch.Tensor"] * len(results)) + "]"
+    cls = class_name(graph)
+    shapes = "\n".join(f"        {v.name}: {v.type} {v.type.dtype}" for v in graph.inputs)
+    out_shapes = "\n".join(f"        {v.name}: {v.type} {v.type.dtype}" for v in graph.outputs)
+    body_init = "\n".join("        " + line for line in init_lines) or "        pass"
+    body_forward = "\n".join("        " + line for line in forward_lines)
+    title = f"{cls}: {description}" if description else cls
+    return f'''"""{title}
+
+Generated by lbdlc {lbdlc_version} from {Path(spec_file).name}. Needs only PyTorch.
+
+    model = {cls}()
+    model.load_state_dict(safetensors.torch.load_file("weights.safetensors"))
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class {cls}(nn.Module):
+    """Inputs:
+{shapes}
+    Outputs:
+{out_shapes}
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+{body_init}
+
+    def forward(self, {signature}) -> {returns}:
+{body_forward}
+        return {", ".join(results)}
+
+
+Model = {cls}
+'''
+
+
+def write(graph: Graph, out_dir: Path, spec_file: str, description: str | None, lbdlc_version: str) -> list[Path]:
+    path = out_dir / "model.py"
+    path.write_text(generate(graph, spec_file, description, lbdlc_version), encoding="utf-8")
+    return [path]

@@ -1,0 +1,135 @@
+"""The `lbdlc` command line.
+
+Exit codes scripts can trust: 0 ok, 1 failed checks or differences, 2 usage or spec errors.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .errors import SpecError, SpecErrors, render
+
+app = typer.Typer(
+    help="lbdlc compiles deep-learning models written as YAML specs into PyTorch code, ONNX and TVM libraries.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+SpecArg = typer.Argument(..., help="A model spec (YAML), e.g. specs/mlp.yaml.", show_default=False)
+
+
+def _fail(exc: SpecError | SpecErrors) -> None:
+    errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
+    for e in errors:
+        err.print(render(e), markup=False)
+    if len(errors) > 1:
+        err.print(f"{len(errors)} errors", markup=False)
+    raise typer.Exit(2)
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+@app.command()
+def check(
+    spec: Path = SpecArg,
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON for scripts."),
+) -> None:
+    """Validate a spec and print each layer's op, output shape, parameters and FLOPs, without allocating weights."""
+    from .analysis import summarize
+    from .lower import load, lower
+
+    try:
+        summary = summarize(lower(load(spec)))
+    except (SpecError, SpecErrors) as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(summary.to_json(), indent=2))
+        return
+    table = Table(title=f"{summary.name} ({spec})", title_justify="left")
+    for col, justify in [("layer", "left"), ("op", "left"), ("output shape", "left"), ("params", "right"), ("FLOPs", "right"), ("line", "right")]:
+        table.add_column(col, justify=justify)
+    for layer in summary.layers:
+        shape = "[" + ", ".join(map(str, layer.output_shape)) + "]"
+        table.add_row(Text(layer.name), layer.op, Text(shape), _fmt_int(layer.params), _fmt_int(layer.flops), str(layer.line or ""))
+    table.add_section()
+    table.add_row("total", "", "", _fmt_int(summary.params), _fmt_int(summary.flops), "")
+    out.print(table)
+    sig = lambda vs: ", ".join(f"{v['name']} [{', '.join(map(str, v['shape']))}] {v['dtype']}" for v in vs)  # noqa: E731
+    out.print(f"inputs:  {sig(summary.inputs)}", markup=False)
+    out.print(f"outputs: {sig(summary.outputs)}", markup=False)
+    extra = f" (+ {_fmt_int(summary.buffers)} buffer values)" if summary.buffers else ""
+    out.print(f"{_fmt_int(summary.params)} parameters{extra}, {_fmt_int(summary.flops)} FLOPs per sample", markup=False)
+
+
+@app.command()
+def build(
+    spec: Path = SpecArg,
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: out/<spec name>)."),
+    seed: int = typer.Option(0, help="Seed for initial weights."),
+    weights: Optional[Path] = typer.Option(None, help="Use these weights (safetensors, same parameter names) instead of initializing."),
+    opset: int = typer.Option(20, help="ONNX opset (18 to 23)."),
+    backend: list[str] = typer.Option(
+        ["pytorch", "onnx", "tvm"], "--backend", "-b", help="Backends to run (repeat the option); default all."
+    ),
+) -> None:
+    """Compile a spec: model.py, weights.safetensors, model.onnx, a TVM library and manifest.json."""
+    from .driver import BuildOptions, build as run_build
+    from .lower import load
+
+    try:
+        out_dir = output or Path("out") / load(spec).name
+        result = run_build(spec, out_dir, BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend)))
+    except (SpecError, SpecErrors) as exc:
+        _fail(exc)
+    m = result.manifest["model"]
+    out.print(f"built {m['name']}: {_fmt_int(m['params'])} parameters -> {result.out_dir}", markup=False)
+    for name, info in result.manifest["artifacts"].items():
+        out.print(f"  {name:<22} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:12]}", markup=False)
+
+
+@app.command("ops")
+def list_ops() -> None:
+    """List the ops a spec can use, with their attributes."""
+    from . import ops
+
+    table = Table(show_header=True)
+    table.add_column("op")
+    table.add_column("attributes")
+    table.add_column("what it computes")
+    for name in sorted(ops.REGISTRY):
+        op = ops.REGISTRY[name]
+        attrs = ", ".join(
+            f"{k}" + ("" if f.is_required() else f"={f.default!r}") for k, f in op.Attrs.model_fields.items()
+        )
+        table.add_row(name, Text(attrs), Text(op.summary))
+    out.print(table)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of lbdlc and the tools it builds with."""
+    from .driver import tool_versions
+
+    for tool, v in tool_versions().items():
+        out.print(f"{tool:<12} {v or 'not installed'}", markup=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)

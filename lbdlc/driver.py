@@ -1,0 +1,155 @@
+"""The build driver: spec -> graph -> weights -> artifacts -> manifest, written atomically.
+
+A build writes into a temporary sibling directory and renames it into place only when
+every artifact is written, so a failed build leaves the previous output as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from . import __version__
+from .errors import SpecError
+from .ir import Graph
+from .lower import Loaded, load, lower
+from .weights import initialize, load_checked
+
+BACKENDS = ("pytorch", "onnx", "tvm")
+
+
+@dataclass
+class BuildOptions:
+    seed: int = 0
+    weights: Path | None = None
+    opset: int = 20
+    backends: tuple[str, ...] = BACKENDS
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    graph: Graph
+    manifest: dict
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str | None]:
+    def version(*dists: str) -> str | None:
+        for d in dists:
+            try:
+                return metadata.version(d)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    return {
+        "lbdlc": __version__,
+        "torch": version("torch"),
+        "onnx": version("onnx"),
+        "onnxruntime": version("onnxruntime-gpu", "onnxruntime"),
+        "tvm": version("apache-tvm"),
+        "safetensors": version("safetensors"),
+    }
+
+
+def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = BuildOptions()) -> BuildResult:
+    unknown = [b for b in options.backends if b not in BACKENDS]
+    if unknown:
+        raise SpecError(f"unknown backend '{unknown[0]}'", hint=f"choose from {', '.join(BACKENDS)}")
+    loaded = load(spec_path)
+    graph = lower(loaded)
+    weights = load_checked(graph, options.weights) if options.weights else initialize(graph, options.seed)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
+    try:
+        artifacts = _write_artifacts(loaded, graph, weights, tmp, options)
+        manifest = _manifest(loaded, graph, options, tmp, artifacts)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(out_dir, graph, manifest, [out_dir / p.name for p in artifacts] + [out_dir / "manifest.json"])
+
+
+def _write_artifacts(loaded: Loaded, graph: Graph, weights: dict, tmp: Path, options: BuildOptions) -> list[Path]:
+    from safetensors.torch import save_file
+
+    weights_path = tmp / "weights.safetensors"
+    save_file(weights, str(weights_path), metadata={"format": "pt"})
+    artifacts = [weights_path]
+    description = loaded.spec.description
+    if "pytorch" in options.backends:
+        from .backends import pytorch
+
+        artifacts += pytorch.write(graph, tmp, str(loaded.path), description, __version__)
+    if "onnx" in options.backends:
+        from .backends import onnx as onnx_backend
+
+        artifacts += onnx_backend.write(graph, weights, tmp, options.opset)
+    if "tvm" in options.backends:
+        from .backends import tvm as tvm_backend
+
+        artifacts += tvm_backend.write(graph, tmp)
+    return artifacts
+
+
+def _manifest(loaded: Loaded, graph: Graph, options: BuildOptions, tmp: Path, artifacts: list[Path]) -> dict:
+    from .analysis import summarize
+
+    summary = summarize(graph)
+    return {
+        "spec": {
+            "path": loaded.path.as_posix(),
+            "sha256": hashlib.sha256(loaded.text.encode("utf-8")).hexdigest(),
+        },
+        "resolved_spec": loaded.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "build": {
+            "seed": options.seed,
+            "weights_from": Path(options.weights).as_posix() if options.weights else None,
+            "opset": options.opset if "onnx" in options.backends else None,
+            "backends": list(options.backends),
+        },
+        "model": {
+            "name": graph.name,
+            "inputs": summary.inputs,
+            "outputs": summary.outputs,
+            "params": summary.params,
+            "buffers": summary.buffers,
+            "flops_per_sample": summary.flops,
+            # Argument order of the TVM library's `main` after the inputs.
+            "parameter_order": graph.inference_params(),
+        },
+        "versions": tool_versions(),
+        "artifacts": {
+            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(artifacts, key=lambda p: p.name)
+        },
+    }
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an earlier build there only after `new` is complete."""
+    if target.exists() and not target.is_dir():
+        raise SpecError(f"{target} exists and is not a directory")
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{new.name.rsplit('-', 1)[-1]}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

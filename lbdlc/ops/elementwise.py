@@ -1,0 +1,96 @@
+"""Activations, softmax, dropout and residual addition: ops that keep (or broadcast) shapes."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..ir import TensorType, numel
+from . import Op, OpAttrs, register
+from .rules import axis, broadcast
+
+
+@register
+class Relu(Op):
+    """max(x, 0)."""
+
+    name = "relu"
+    flops_per_element = 1
+
+
+@register
+class LeakyRelu(Op):
+    """x for x > 0, negative_slope·x otherwise (slope 0.01 by default)."""
+
+    name = "leaky_relu"
+    flops_per_element = 2
+
+    class Attrs(OpAttrs):
+        negative_slope: float = 0.01
+
+
+@register
+class Gelu(Op):
+    """x·Φ(x), exact (erf) or with the tanh approximation."""
+
+    name = "gelu"
+    flops_per_element = 8
+
+    class Attrs(OpAttrs):
+        approximate: Literal["none", "tanh"] = "none"
+
+
+@register
+class Tanh(Op):
+    """Hyperbolic tangent."""
+
+    name = "tanh"
+    flops_per_element = 4
+
+
+@register
+class Sigmoid(Op):
+    """1 / (1 + exp(-x))."""
+
+    name = "sigmoid"
+    flops_per_element = 4
+
+
+@register
+class Softmax(Op):
+    """exp(x) / sum(exp(x)) along one dimension (the last by default)."""
+
+    name = "softmax"
+    flops_per_element = 5
+
+    class Attrs(OpAttrs):
+        dim: int = -1
+
+    def infer(self, a, ins):
+        axis(a.dim, ins[0].rank)
+        return [ins[0]]
+
+
+@register
+class Dropout(Op):
+    """Training: zero each element with probability p and scale survivors by 1/(1-p). Inference: identity."""
+
+    name = "dropout"
+    flops_per_element = 0
+
+    class Attrs(OpAttrs):
+        p: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+@register
+class Add(Op):
+    """Elementwise sum of two or more tensors with NumPy broadcasting (residual connections)."""
+
+    name = "add"
+    arity = (2, None)
+
+    def infer(self, a, ins):
+        return [TensorType(broadcast([t.shape for t in ins]), ins[0].dtype)]
+
+    def flops(self, a, ins, outs):
+        return (len(ins) - 1) * numel(outs[0].shape)

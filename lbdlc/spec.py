@@ -1,0 +1,203 @@
+"""The spec language: Pydantic models for a model file, validated strictly at YAML positions.
+
+A layer's model is its op's attribute model plus the wiring fields every layer has
+(`op`, `name`, `in`); layers form a union discriminated by `op`, so JSON Schema and
+error messages know each op's parameters.
+"""
+from __future__ import annotations
+
+import types
+import typing
+from functools import lru_cache
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model
+
+from . import ops
+from .errors import SpecError, SpecErrors, did_you_mean
+from .source import LocDict, key_loc, loc_of, node_at
+
+LANGUAGE_VERSION = 1
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "bool"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class InputSpec(StrictModel):
+    """A model input: its shape (sizes, or names for symbolic dimensions such as `batch`) and dtype."""
+
+    shape: list[PositiveInt | Identifier] = Field(min_length=1)
+    dtype: DType = "float32"
+
+
+class LayerBase(StrictModel):
+    """What every layer has besides its op's own attributes."""
+
+    name: Identifier | None = None  # defaults to the op name and a counter: conv2d_1, conv2d_2, ...
+    in_: Identifier | list[Identifier] | None = Field(None, alias="in")  # defaults to the previous layer
+
+
+@lru_cache(maxsize=None)
+def layer_model(op_name: str) -> type[BaseModel]:
+    op = ops.get(op_name)
+    return create_model(
+        "".join(p.capitalize() for p in op_name.split("_")) + "Layer",
+        __base__=(op.Attrs, LayerBase),
+        __doc__=op.summary,
+        op=(Literal[op_name], ...),
+    )
+
+
+def _spec_model(op_names: tuple[str, ...]) -> type[BaseModel]:
+    layer_union = Annotated[Union[tuple(layer_model(n) for n in op_names)], Field(discriminator="op")]
+
+    class Spec(StrictModel):
+        """An lbdlc model spec."""
+
+        lbdlc: Literal[1]
+        name: Identifier | None = None  # defaults to the file name
+        description: str | None = None
+        inputs: dict[Identifier, InputSpec] = Field(min_length=1)
+        layers: list[layer_union] = Field(min_length=1)  # type: ignore[valid-type]
+        outputs: list[Identifier] | None = None  # defaults to the last layer
+
+    return Spec
+
+
+_SPEC_CACHE: dict[tuple[str, ...], type[BaseModel]] = {}
+
+
+def spec_model() -> type[BaseModel]:
+    """The Spec model for the ops registered now (extensions may register more)."""
+    key = tuple(sorted(ops.REGISTRY))
+    if key not in _SPEC_CACHE:
+        _SPEC_CACHE[key] = _spec_model(key)
+    return _SPEC_CACHE[key]
+
+
+def attrs_of(layer: BaseModel) -> ops.OpAttrs:
+    """The op-attribute part of a validated layer."""
+    op = ops.get(layer.op)
+    return op.Attrs.model_validate({k: getattr(layer, k) for k in op.Attrs.model_fields})
+
+
+def parse_spec(raw: Any, file: str) -> BaseModel:
+    """Validate loaded YAML (LocDict) into a Spec; every problem becomes a located SpecError."""
+    if not isinstance(raw, LocDict):
+        raise SpecError("a spec is a mapping of keys (lbdlc, inputs, layers, ...)", getattr(raw, "loc", None))
+    _check_version(raw, file)
+    try:
+        return spec_model().model_validate(raw)
+    except ValidationError as exc:
+        raise SpecErrors(_located(e, raw) for e in exc.errors(include_url=False)) from None
+
+
+def _check_version(raw: LocDict, file: str) -> None:
+    if "lbdlc" not in raw:
+        raise SpecError(
+            "the spec does not say which language version it is written in",
+            raw.loc,
+            hint=f"start the file with `lbdlc: {LANGUAGE_VERSION}`",
+        )
+    version = raw["lbdlc"]
+    if version != LANGUAGE_VERSION or isinstance(version, bool):
+        raise SpecError(
+            f"unsupported spec language version {version!r}: this lbdlc reads version {LANGUAGE_VERSION}",
+            raw.value_locs["lbdlc"],
+            hint="a newer lbdlc may read it; upgrade with `pip install -U lbdlc`" if isinstance(version, int) and version > LANGUAGE_VERSION else f"write `lbdlc: {LANGUAGE_VERSION}`",
+        )
+
+
+def _located(err: dict, raw: LocDict) -> SpecError:
+    path, kind, msg = tuple(err["loc"]), err["type"], err["msg"]
+    where = _describe(path, raw)
+    if kind == "extra_forbidden":
+        key = path[-1]
+        allowed = _allowed_keys(path[:-1], raw)
+        hint = did_you_mean(key, allowed) or (f"allowed keys here: {', '.join(allowed)}" if allowed else None)
+        return SpecError(f"unknown key '{key}'{where}", key_loc(raw, path) or loc_of(raw, path), hint)
+    if kind == "missing":
+        return SpecError(f"missing required key '{path[-1]}'{where}", loc_of(raw, path[:-1]))
+    if kind == "union_tag_invalid":
+        tag = err["ctx"]["tag"]
+        hint = did_you_mean(tag, ops.REGISTRY) or "`lbdlc ops` lists the known ops"
+        return SpecError(f"unknown op '{tag}'", loc_of(raw, path + ("op",)), hint)
+    if kind == "union_tag_not_found":
+        return SpecError(
+            "a layer needs an `op` key", loc_of(raw, path), hint="e.g. `- {op: linear, out_features: 10}`"
+        )
+    value = node_at(raw, path)
+    shown = f", got {value!r}" if value is not None and not isinstance(value, (dict, list)) else ""
+    message = msg[len("Value error, ") :] if msg.startswith("Value error, ") else msg
+    return SpecError(f"{_field_name(path)}: {message[0].lower()}{message[1:]}{shown}", loc_of(raw, path))
+
+
+def _field_name(path: tuple) -> str:
+    parts = [str(p) for p in path if not isinstance(p, int)]
+    return parts[-1] if parts else "spec"
+
+
+def _describe(path: tuple, raw: LocDict) -> str:
+    """' in layer 'fc1' (linear)' for errors inside a layer, '' elsewhere."""
+    if len(path) >= 2 and path[0] == "layers" and isinstance(path[1], int):
+        layer = node_at(raw, path[:2])
+        if isinstance(layer, dict):
+            op, name = layer.get("op"), layer.get("name")
+            label = f" '{name}'" if name else f" {path[1]}"
+            return f" in layer{label}" + (f" ({op})" if isinstance(op, str) and op in ops.REGISTRY else "")
+    return ""
+
+
+def _allowed_keys(path: tuple, raw: LocDict) -> list[str]:
+    model = _model_at(spec_model(), path)
+    if model is None:
+        return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _model_at(annotation, path: tuple):
+    """The Pydantic model reached by following `path` (Pydantic error loc) through annotations."""
+    t = annotation
+    for part in path:
+        t = _strip(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            field = next((f for n, f in t.model_fields.items() if part in (n, f.alias)), None)
+            if field is None:
+                return None
+            t = field.annotation
+            continue
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if origin is list:
+            t = args[0]
+        elif origin is dict:
+            t = args[1]
+        elif origin in (Union, types.UnionType):
+            t = next((m for m in args if _op_tag(m) == part), None)
+            if t is None:
+                return None
+        else:
+            return None
+    t = _strip(t)
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def _strip(t):
+    while typing.get_origin(t) is Annotated:
+        t = typing.get_args(t)[0]
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _strip(rest[0])
+    return t
+
+
+def _op_tag(model) -> str | None:
+    model = _strip(model)
+    if isinstance(model, type) and issubclass(model, BaseModel) and "op" in model.model_fields:
+        return typing.get_args(model.model_fields["op"].annotation)[0]
+    return None
