@@ -32,9 +32,9 @@ SpecArg = typer.Argument(..., help="A model spec (YAML), e.g. specs/mlp.yaml.", 
 def _fail(exc: SpecError | SpecErrors) -> None:
     errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
     for e in errors:
-        err.print(render(e), markup=False)
+        err.print(render(e), markup=False, soft_wrap=True)
     if len(errors) > 1:
-        err.print(f"{len(errors)} errors", markup=False)
+        err.print(f"{len(errors)} errors", markup=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from . import ops
 from .errors import Note, SpecError, SpecErrors, did_you_mean
 from .ir import Graph, Node, Param, TensorType, Value, as_dim, symbol
-from .source import Loc, LocDict, key_loc, load_yaml_file, loc_of
+from .source import Loc, LocDict, load_yaml_file, loc_of
 from .spec import attrs_of, parse_spec
 
 
@@ -65,7 +65,7 @@ def lower(loaded: Loaded) -> Graph:
             first = env[name][1]
             raise SpecError(
                 f"the name '{name}' is already used",
-                key_loc(raw, path + ("name",)) or origin,
+                loc_of(raw, path + ("name",)),
                 notes=[Note("first used here", first)],
                 hint="layer and input names must be unique",
             )

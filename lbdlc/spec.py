@@ -93,7 +93,20 @@ def parse_spec(raw: Any, file: str) -> BaseModel:
     try:
         return spec_model().model_validate(raw)
     except ValidationError as exc:
-        raise SpecErrors(_located(e, raw) for e in exc.errors(include_url=False)) from None
+        errors = _without_misspelled_duplicates(exc.errors(include_url=False), raw)
+        raise SpecErrors(_located(e, raw) for e in errors) from None
+
+
+def _without_misspelled_duplicates(errors: list[dict], raw) -> list[dict]:
+    """A misspelled required key shows up twice, as unknown and as missing: keep the first."""
+    misspelled = set()
+    for e in errors:
+        if e["type"] == "extra_forbidden":
+            path = tuple(e["loc"])
+            close = did_you_mean(path[-1], _allowed_keys(path[:-1], raw))
+            if close:
+                misspelled.add(path[:-1] + (close.split("'")[1],))
+    return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in misspelled)]
 
 
 def _check_version(raw: LocDict, file: str) -> None:

@@ -39,7 +39,7 @@ class Conv2d(Op):
     def resolve(self, a, ins):
         x = ins[0]
         expect_rank(x, (4,), "conv2d")
-        c = check_declared(a.in_channels, x.shape[1], "in_channels", f"of shape {x} (dim 1)")
+        c = check_declared(a.in_channels, x, 1, "in_channels")
         if c % a.groups:
             raise ShapeError(f"in_channels ({c}) must be divisible by groups ({a.groups})", field="groups")
         return a.model_copy(update={"in_channels": c})

@@ -30,7 +30,7 @@ class Linear(Op):
         x = ins[0]
         if x.rank < 1:
             raise ShapeError(f"linear expects at least one dimension, got {x}")
-        n = check_declared(a.in_features, x.shape[-1], "in_features", f"of shape {x} (last dim)")
+        n = check_declared(a.in_features, x, -1, "in_features")
         return a.model_copy(update={"in_features": n})
 
     def infer(self, a, ins):

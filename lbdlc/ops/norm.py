@@ -29,7 +29,7 @@ class BatchNorm(Op):
     def resolve(self, a, ins):
         x = ins[0]
         expect_rank(x, (2, 3, 4), "batch_norm")
-        c = check_declared(a.num_features, x.shape[1], "num_features", f"of shape {x} (dim 1)")
+        c = check_declared(a.num_features, x, 1, "num_features")
         return a.model_copy(update={"num_features": c})
 
     def params(self, a, ins):
@@ -57,7 +57,7 @@ class LayerNorm(Op):
         bias: bool = True
 
     def resolve(self, a, ins):
-        n = check_declared(a.normalized_shape, ins[0].shape[-1], "normalized_shape", f"of shape {ins[0]} (last dim)")
+        n = check_declared(a.normalized_shape, ins[0], -1, "normalized_shape")
         return a.model_copy(update={"normalized_shape": n})
 
     def params(self, a, ins):

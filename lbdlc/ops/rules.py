@@ -40,13 +40,15 @@ def window_out(size: Dim, kernel: int, stride: int, padding: int, dilation: int 
     return out
 
 
-def check_declared(declared: int | None, actual: Dim, field: str, producer: str) -> int:
+def check_declared(declared: int | None, x: TensorType, dim: int, field: str) -> int:
     """A size the user may write down (e.g. in_features); it must equal the incoming one."""
+    actual = x.shape[dim]
+    where = "its last dim" if dim in (-1, x.rank - 1) else f"dim {dim}"
     if not isinstance(actual, int):
-        raise ShapeError(f"{field} follows a symbolic dimension ({actual}); it must be a fixed size", field=field)
+        raise ShapeError(f"{field} follows {where} of {x}, which is symbolic ({actual}); it must be a fixed size", field=field)
     if declared is not None and declared != actual:
         raise ShapeError(
-            f"{field} is {declared} but the incoming tensor {producer} has {actual}",
+            f"{field} is {declared}, but the incoming tensor {x} has {actual} in {where}",
             field=field,
             hint=f"set {field}: {actual}, or leave it out to infer it",
         )

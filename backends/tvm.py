@@ -1,0 +1,200 @@
+"""TVM backend: the IR lowered directly to Relax with BlockBuilder, fused by the "zero"
+pipeline, compiled with `tvm.compile` and exported as a shared library.
+
+The library's `main` takes the graph inputs followed by the inference parameters in
+`Graph.inference_params()` order (recorded in the manifest as `parameter_order`), so one
+library serves any weights; symbolic dimensions stay symbolic (one build, any batch size).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import sympy
+
+from lbdlc.errors import SpecError
+from lbdlc.ir import Graph, Node
+from lbdlc.ops.rules import axis, pair
+
+LIBRARY = "model.tvm.so"
+
+
+def _tvm():
+    import tvm
+    from tvm import relax, tirx
+
+    return tvm, relax, tirx
+
+
+class Lowering:
+    """State while emitting one Relax function: the BlockBuilder and the symbolic dims."""
+
+    def __init__(self, bb, symbols: dict[str, object]):
+        self.bb = bb
+        self.symbols = symbols
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def prim(self, d):
+        """An IR dimension (int or sympy expression) as a TIR expression over the input symbols."""
+        _, _, tirx = _tvm()
+        if isinstance(d, int):
+            return d
+        d = sympy.sympify(d)
+        if d.is_Integer:
+            return int(d)
+        if d.is_Symbol:
+            return self.symbols[str(d)]
+        if d.is_Add or d.is_Mul:
+            terms = [self.prim(a) for a in d.args]
+            acc = terms[0]
+            for t in terms[1:]:
+                acc = acc + t if d.is_Add else acc * t
+            return acc
+        if isinstance(d, sympy.floor) and d.args[0].is_Mul:
+            num, den = sympy.fraction(d.args[0])
+            return tirx.floordiv(self.prim(num), self.prim(den))
+        raise ValueError(f"cannot express the dimension {d} in TVM")
+
+
+# (lowering, node, input Relax exprs, parameter Relax vars by local name) -> output Relax expr
+Emitter = Callable[[Lowering, Node, list, dict], object]
+
+
+def _R():
+    from tvm.relax import op
+
+    return op
+
+
+def _linear(L, n, x, p):
+    return L.emit(_R().linear(x[0], p["weight"], p.get("bias")))
+
+
+def _conv2d(L, n, x, p):
+    R, a = _R(), n.attrs
+    ph, pw = pair(a.padding)
+    y = L.emit(
+        R.nn.conv2d(
+            x[0], p["weight"], strides=pair(a.stride), padding=(ph, pw, ph, pw),
+            dilation=pair(a.dilation), groups=a.groups, data_layout="NCHW", kernel_layout="OIHW",
+        )
+    )
+    if "bias" in p:
+        y = L.emit(R.add(y, R.reshape(p["bias"], (1, a.out_channels, 1, 1))))
+    return y
+
+
+def _pool(kind: str, **fixed) -> Emitter:
+    def emit(L, n, x, p):
+        a = n.attrs
+        ph, pw = pair(a.padding)
+        stride = a.stride if a.stride is not None else a.kernel_size
+        fn = getattr(_R().nn, kind)
+        return L.emit(fn(x[0], pool_size=pair(a.kernel_size), strides=pair(stride), padding=(ph, pw, ph, pw), layout="NCHW", **fixed))
+
+    return emit
+
+
+def _batch_norm(L, n, x, p):
+    from tvm import relax
+
+    out = L.emit(
+        _R().nn.batch_norm(x[0], p["weight"], p["bias"], p["running_mean"], p["running_var"], axis=1, epsilon=n.attrs.eps, training=False)
+    )
+    return L.emit(relax.TupleGetItem(out, 0))
+
+
+def _layer_norm(L, n, x, p):
+    from tvm import relax
+
+    size = n.attrs.normalized_shape
+    gamma = p.get("weight", relax.const(np.ones(size, np.float32)))
+    beta = p.get("bias", relax.const(np.zeros(size, np.float32)))
+    return L.emit(_R().nn.layer_norm(x[0], gamma, beta, axes=[-1], epsilon=n.attrs.eps))
+
+
+def _gelu(L, n, x, p):
+    R = _R()
+    return L.emit(R.nn.gelu_tanh(x[0]) if n.attrs.approximate == "tanh" else R.nn.gelu(x[0]))
+
+
+def _reshape_to_output(L, n, x, p):
+    return L.emit(_R().reshape(x[0], [L.prim(d) for d in n.outputs[0].type.shape]))
+
+
+def _add(L, n, x, p):
+    acc = x[0]
+    for term in x[1:]:
+        acc = L.emit(_R().add(acc, term))
+    return acc
+
+
+EMITTERS: dict[str, Emitter] = {
+    "linear": _linear,
+    "conv2d": _conv2d,
+    "max_pool2d": _pool("max_pool2d"),
+    "avg_pool2d": _pool("avg_pool2d", count_include_pad=True),  # PyTorch's default; TVM's is False
+    "global_avg_pool2d": lambda L, n, x, p: L.emit(_R().mean(x[0], axis=[2, 3], keepdims=True)),
+    "relu": lambda L, n, x, p: L.emit(_R().nn.relu(x[0])),
+    "leaky_relu": lambda L, n, x, p: L.emit(_R().nn.leakyrelu(x[0], alpha=n.attrs.negative_slope)),
+    "gelu": _gelu,
+    "tanh": lambda L, n, x, p: L.emit(_R().tanh(x[0])),
+    "sigmoid": lambda L, n, x, p: L.emit(_R().sigmoid(x[0])),
+    "softmax": lambda L, n, x, p: L.emit(_R().nn.softmax(x[0], axis=axis(n.attrs.dim, n.inputs[0].type.rank))),
+    "dropout": lambda L, n, x, p: x[0],  # inference artifact: dropout is the identity
+    "batch_norm": _batch_norm,
+    "layer_norm": _layer_norm,
+    "flatten": _reshape_to_output,
+    "reshape": _reshape_to_output,
+    "add": _add,
+    "concat": lambda L, n, x, p: L.emit(_R().concat(x, axis=axis(n.attrs.dim, n.inputs[0].type.rank))),
+}
+
+
+def to_relax(graph: Graph):
+    """An IRModule whose `main(inputs..., params...)` computes the graph."""
+    tvm, relax, tirx = _tvm()
+    symbols = {name: tirx.Var(name, "int64") for name in graph.symbols()}
+    bb = relax.BlockBuilder()
+    L = Lowering(bb, symbols)
+    env: dict[int, object] = {}
+    args = []
+    for v in graph.inputs:
+        var = relax.Var(v.name, relax.TensorType([L.prim(d) for d in v.type.shape], v.type.dtype))
+        env[id(v)] = var
+        args.append(var)
+    param_vars = {}
+    for name in graph.inference_params():
+        p = graph.params[name]
+        param_vars[name] = relax.Var(name, relax.TensorType(list(p.shape), p.dtype))
+        args.append(param_vars[name])
+    with bb.function("main", args, attrs={"num_input": len(graph.inputs)}):
+        with bb.dataflow():
+            for node in graph.nodes:
+                if node.op not in EMITTERS:
+                    raise SpecError(f"the TVM backend cannot emit op '{node.op}'", node.origin)
+                local = {k: param_vars[full] for k, full in node.params.items() if full in param_vars}
+                try:
+                    env[id(node.outputs[0])] = EMITTERS[node.op](L, node, [env[id(v)] for v in node.inputs], local)
+                except ValueError as exc:
+                    raise SpecError(f"the TVM backend cannot emit layer '{node.name}': {exc}", node.origin) from None
+            results = [env[id(v)] for v in graph.outputs]
+            out = bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
+        bb.emit_func_output(out)
+    return bb.finalize()
+
+
+def compile_library(graph: Graph, target="llvm"):
+    """Relax -> "zero" pipeline (legalize, fuse) -> executable."""
+    tvm, relax, _ = _tvm()
+    mod = relax.get_pipeline("zero")(to_relax(graph))
+    return tvm.compile(mod, target=tvm.target.Target(target))
+
+
+def write(graph: Graph, out_dir: Path, target="llvm") -> list[Path]:
+    path = out_dir / LIBRARY
+    compile_library(graph, target).export_library(str(path))
+    return [path]
