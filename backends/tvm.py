@@ -187,11 +187,68 @@ def to_relax(graph: Graph):
     return bb.finalize()
 
 
+def _slots_read(expr, buffer) -> set[int] | None:
+    """Heap slots of `buffer` that a TIR expression loads; None if it holds a node we do not know."""
+    tvm, _, tirx = _tvm()
+    if isinstance(expr, tvm.ir.TensorLoad):  # what tirx.BufferLoad builds
+        if expr.source.same_as(buffer) and len(expr.indices) == 1 and isinstance(expr.indices[0], tirx.IntImm):
+            return {int(expr.indices[0].value)}
+        return None
+    if isinstance(expr, (tirx.IntImm, tirx.FloatImm, tirx.Var)):
+        return set()
+    children = [getattr(expr, f) for f in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, f)]
+    if not children:
+        return None
+    found: set[int] = set()
+    for child in children:
+        sub = _slots_read(child, buffer)
+        if sub is None:
+            return None
+        found |= sub
+    return found
+
+
+def canonical_shape_funcs(mod, _ctx=None):
+    """Make the library byte-reproducible.
+
+    TVM 0.27's VMShapeLower writes the stores of its host `shape_func*` PrimFuncs in an order
+    that depends on pointer hashes, so two builds of the same graph give different bytes.
+    Re-order each such function's stores: dependencies first, then by heap slot.
+    Functions with anything but plain slot stores are left alone.
+    """
+    _, _, tirx = _tvm()
+    updates = {}
+    for gv, func in mod.functions.items():
+        if not (isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("shape_func") and isinstance(func.body, tirx.SeqStmt)):
+            continue
+        stores = list(func.body.seq)
+        if not all(isinstance(st, tirx.BufferStore) and len(st.indices) == 1 and isinstance(st.indices[0], tirx.IntImm) for st in stores):
+            continue
+        heap = stores[0].buffer
+        reads = [_slots_read(st.value, heap) if st.buffer.same_as(heap) else None for st in stores]
+        if any(r is None for r in reads):
+            continue
+        pending = [(int(st.indices[0].value), r, st) for st, r in zip(stores, reads)]
+        ordered = []
+        while pending:
+            written = {slot for slot, _, _ in pending}
+            ready = [p for p in pending if not (p[1] & (written - {p[0]}))]
+            chosen = min(ready, key=lambda p: p[0])
+            ordered.append(chosen[2])
+            pending.remove(chosen)
+        updates[gv] = func.with_body(tirx.SeqStmt(ordered))
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
 def compile_library(graph: Graph, target="llvm"):
-    """Relax -> "zero" pipeline (legalize, fuse) -> executable."""
+    """Relax -> "zero" pipeline (legalize, fuse) -> build pipeline made reproducible -> executable."""
     tvm, relax, _ = _tvm()
     mod = relax.get_pipeline("zero")(to_relax(graph))
-    return tvm.compile(mod, target=tvm.target.Target(target))
+    reproducible = tvm.transform.module_pass(canonical_shape_funcs, opt_level=0, name="CanonicalShapeFuncs")
+    build_pipeline = tvm.transform.Sequential([relax.get_pipeline("default_build"), reproducible])
+    return tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=build_pipeline)
 
 
 def write(graph: Graph, out_dir: Path, target="llvm") -> list[Path]:
