@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from . import ops
 from .errors import Note, SpecError, SpecErrors, did_you_mean
 from .ir import Graph, Node, Param, TensorType, Value, as_dim, symbol
-from .source import Loc, LocDict, load_yaml_file, loc_of
+from .source import Loc, LocDict, loc_of
 from .spec import attrs_of, parse_spec
 
 
@@ -36,11 +36,18 @@ def _identifier(stem: str) -> str:
     return out if out and not out[0].isdigit() else "model_" + out
 
 
-def load(path: str | Path) -> Loaded:
+def load(path: str | Path, overrides: list[str] = ()) -> Loaded:
+    """Read a spec: compose (`extends`, `--set`), validate, expand blocks and repeats."""
+    from .compose import load_composed
+    from .expand import expand
+    from .spec import parse_source
+
     path = Path(path)
-    raw = load_yaml_file(path)
-    spec = parse_spec(raw, str(path))
-    return Loaded(spec, raw, path, path.read_text(encoding="utf-8"))
+    composed = load_composed(path, list(overrides))
+    source = parse_source(composed, str(path))
+    flat = expand(composed, source)
+    spec = parse_spec(flat, str(path))
+    return Loaded(spec, flat, path, path.read_text(encoding="utf-8"))
 
 
 def lower(loaded: Loaded) -> Graph:
@@ -53,23 +60,15 @@ def lower(loaded: Loaded) -> Graph:
         inputs.append(value)
         env[name] = (value, raw["inputs"].key_locs[name])
 
+    names = _layer_names(spec)
+    _check_unique(names, env, raw)
+    wiring = _wiring(spec, names, inputs[0].name, env, raw)
     nodes: list[Node] = []
     params: dict[str, Param] = {}
-    all_layer_names = _layer_names(spec)
-    previous = inputs[0]
-    for i, layer in enumerate(spec.layers):
-        path = ("layers", i)
+    for i in _topological_order(names, wiring, raw):
+        layer, name, path = spec.layers[i], names[i], ("layers", i)
         origin = loc_of(raw, path)
-        name = all_layer_names[i]
-        if name in env:
-            first = env[name][1]
-            raise SpecError(
-                f"the name '{name}' is already used",
-                loc_of(raw, path + ("name",)),
-                notes=[Note("first used here", first)],
-                hint="layer and input names must be unique",
-            )
-        in_values = _wire(layer, previous, env, all_layer_names, raw, path, i)
+        in_values = [env[ref][0] for ref in wiring[i]]
         op = ops.get(layer.op)
         _check_arity(op, in_values, raw, path)
         in_types = [v.type for v in in_values]
@@ -88,9 +87,8 @@ def lower(loaded: Loaded) -> Graph:
         nodes.append(node)
         for v in outputs:
             env[v.name] = (v, origin)
-        previous = outputs[0]
 
-    outputs = _outputs(spec, env, previous, raw)
+    outputs = _outputs(spec, env, nodes[-1].outputs[0], raw)
     graph = Graph(loaded.name, inputs, nodes, outputs, params)
     _check_unused(graph, raw)
     graph.verify()
@@ -114,30 +112,82 @@ def _layer_names(spec) -> list[str]:
     return names
 
 
-def _wire(layer, previous: Value, env, all_names, raw, path, index) -> list[Value]:
-    refs = layer.in_
-    if refs is None:
-        return [previous]
-    refs = [refs] if isinstance(refs, str) else refs
-    values = []
-    for k, ref in enumerate(refs):
-        ref_path = path + ("in",) if isinstance(layer.in_, str) else path + ("in", k)
-        if ref in env:
-            values.append(env[ref][0])
-            continue
-        loc = loc_of(raw, ref_path)
-        if ref in all_names[index:]:
+def _name_loc(raw, i: int) -> Loc | None:
+    return loc_of(raw, ("layers", i, "name")) if "name" in raw["layers"][i] else loc_of(raw, ("layers", i))
+
+
+def _check_unique(names: list[str], env, raw) -> None:
+    first: dict[str, Loc | None] = {n: loc for n, (_, loc) in env.items()}
+    scopes = {n.rsplit(".", k)[0] for n in names for k in range(1, n.count(".") + 1)}
+    for i, name in enumerate(names):
+        where = _name_loc(raw, i)
+        if name in first:
             raise SpecError(
-                f"'{ref}' is defined after this layer (or is this layer), so it cannot be its input",
-                loc,
-                hint="layers run in the order written; move this layer below the one it reads",
+                f"the name '{name}' is already used", where,
+                notes=[Note("first used here", first[name])], hint="layer and input names must be unique",
             )
-        raise SpecError(
-            f"no layer or input named '{ref}'",
-            loc,
-            hint=did_you_mean(ref, env) or ("defined so far: " + ", ".join(env)),
-        )
-    return values
+        if name in scopes:
+            raise SpecError(f"'{name}' names both a layer and a scope of other layers ({name}.…)", where,
+                            hint="a layer's name cannot prefix other layers' names")
+        first[name] = where
+
+
+def _in_loc(raw, i: int, k: int | None = None) -> Loc | None:
+    layer = raw["layers"][i]
+    if "in" not in layer:
+        return loc_of(raw, ("layers", i))
+    return loc_of(raw, ("layers", i, "in") if k is None or isinstance(layer["in"], str) else ("layers", i, "in", k))
+
+
+def _wiring(spec, names: list[str], first_input: str, env, raw) -> list[list[str]]:
+    """Each layer's input names: its `in`, else the layer written before it."""
+    known = set(env) | set(names)
+    wiring = []
+    for i, layer in enumerate(spec.layers):
+        if layer.in_ is None:
+            wiring.append([names[i - 1] if i else first_input])
+            continue
+        refs = [layer.in_] if isinstance(layer.in_, str) else layer.in_
+        for k, ref in enumerate(refs):
+            if ref not in known:
+                raise SpecError(f"no layer or input named '{ref}'", _in_loc(raw, i, k),
+                                hint=did_you_mean(ref, sorted(known)) or ("defined: " + ", ".join(sorted(known))))
+        wiring.append(list(refs))
+    return wiring
+
+
+def _topological_order(names: list[str], wiring: list[list[str]], raw) -> list[int]:
+    """Layers in dependency order, written order among independent ones; cycles are errors."""
+    index = {n: i for i, n in enumerate(names)}
+    deps = [{index[r] for r in refs if r in index} for refs in wiring]
+    order, done = [], set()
+    remaining = list(range(len(names)))
+    while remaining:
+        ready = next((i for i in remaining if deps[i] <= done), None)
+        if ready is None:
+            raise _cycle_error(remaining, deps, names, raw)
+        order.append(ready)
+        done.add(ready)
+        remaining.remove(ready)
+    return order
+
+
+def _cycle_error(remaining: list[int], deps, names, raw) -> SpecError:
+    path, node = [], remaining[0]
+    while node not in path:  # follow dependencies until one repeats: that closes a cycle
+        path.append(node)
+        node = min(d for d in deps[node] if d in remaining)
+    cycle = list(reversed(path[path.index(node):]))  # producer -> consumer order
+    # Start the cycle so that the error lands on a written `in`, the likely mistake.
+    start = next((k for k, i in enumerate(cycle) if "in" in raw["layers"][i]), 0)
+    cycle = cycle[start - 1 :] + cycle[: start - 1] if start else cycle
+    cycle.append(cycle[0])
+    return SpecError(
+        "the layers form a cycle: " + " -> ".join(names[i] for i in cycle),
+        _in_loc(raw, cycle[1]),
+        notes=[Note(f"'{names[c]}' reads '{names[p]}'", _in_loc(raw, c)) for p, c in zip(cycle[1:], cycle[2:])],
+        hint="a layer without `in` reads the layer written before it",
+    )
 
 
 def _check_arity(op, in_values, raw, path) -> None:

@@ -31,6 +31,11 @@ class Loc:
 _SOURCES: dict[str, str] = {}
 
 
+def register_source(file: str, text: str) -> None:
+    """Make `text` quotable in error messages under the name `file` (e.g. a --set argument)."""
+    _SOURCES[file] = text
+
+
 def source_line(loc: Loc) -> str | None:
     text = _SOURCES.get(loc.file)
     if text is None:
@@ -75,7 +80,10 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+012
 
 
 def _loc(node: yaml.Node, file: str) -> Loc:
-    return Loc(file, node.start_mark.line + 1, node.start_mark.column + 1)
+    # A quoted scalar's position is that of its first character, so that a column inside
+    # an expression string (`"${4 * d}"`) maps onto the line.
+    quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
+    return Loc(file, node.start_mark.line + 1, node.start_mark.column + 1 + quoted)
 
 
 def _convert(node: yaml.Node, loader: _Loader, file: str):

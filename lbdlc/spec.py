@@ -20,6 +20,8 @@ from .source import LocDict, key_loc, loc_of, node_at
 LANGUAGE_VERSION = 1
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+# Layers of an expanded spec carry their scope: `stage2.0.conv1` (block use, repetition, layer).
+ScopedName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
 DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "bool"]
 
 
@@ -37,8 +39,8 @@ class InputSpec(StrictModel):
 class LayerBase(StrictModel):
     """What every layer has besides its op's own attributes."""
 
-    name: Identifier | None = None  # defaults to the op name and a counter: conv2d_1, conv2d_2, ...
-    in_: Identifier | list[Identifier] | None = Field(None, alias="in")  # defaults to the previous layer
+    name: ScopedName | None = None  # defaults to the op name and a counter: conv2d_1, conv2d_2, ...
+    in_: ScopedName | list[ScopedName] | None = Field(None, alias="in")  # defaults to the previous layer
 
 
 @lru_cache(maxsize=None)
@@ -63,7 +65,7 @@ def _spec_model(op_names: tuple[str, ...]) -> type[BaseModel]:
         description: str | None = None
         inputs: dict[Identifier, InputSpec] = Field(min_length=1)
         layers: list[layer_union] = Field(min_length=1)  # type: ignore[valid-type]
-        outputs: list[Identifier] | None = None  # defaults to the last layer
+        outputs: list[ScopedName] | None = None  # defaults to the last layer
 
     return Spec
 
@@ -90,20 +92,25 @@ def parse_spec(raw: Any, file: str) -> BaseModel:
     if not isinstance(raw, LocDict):
         raise SpecError("a spec is a mapping of keys (lbdlc, inputs, layers, ...)", getattr(raw, "loc", None))
     _check_version(raw, file)
+    return validate(spec_model(), raw)
+
+
+def validate(model: type[BaseModel], raw: Any) -> BaseModel:
+    """Pydantic validation whose errors point at YAML positions, with did-you-mean for keys."""
     try:
-        return spec_model().model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        errors = _without_misspelled_duplicates(exc.errors(include_url=False), raw)
-        raise SpecErrors(_located(e, raw) for e in errors) from None
+        errors = _without_misspelled_duplicates(exc.errors(include_url=False), raw, model)
+        raise SpecErrors(_located(e, raw, model) for e in errors) from None
 
 
-def _without_misspelled_duplicates(errors: list[dict], raw) -> list[dict]:
+def _without_misspelled_duplicates(errors: list[dict], raw, model) -> list[dict]:
     """A misspelled required key shows up twice, as unknown and as missing: keep the first."""
     misspelled = set()
     for e in errors:
         if e["type"] == "extra_forbidden":
             path = tuple(e["loc"])
-            close = did_you_mean(path[-1], _allowed_keys(path[:-1], raw))
+            close = did_you_mean(path[-1], _allowed_keys(path[:-1], model))
             if close:
                 misspelled.add(path[:-1] + (close.split("'")[1],))
     return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in misspelled)]
@@ -125,19 +132,33 @@ def _check_version(raw: LocDict, file: str) -> None:
         )
 
 
-def _located(err: dict, raw: LocDict) -> SpecError:
+def _located(err: dict, raw: LocDict, model) -> SpecError:
     path, kind, msg = tuple(err["loc"]), err["type"], err["msg"]
     where = _describe(path, raw)
+    error = _located_error(err, path, kind, msg, where, raw, model)
+    error.notes += trail_notes(raw, path)
+    return error
+
+
+def trail_notes(raw, path: tuple) -> list:
+    """Where an expanded layer was instantiated (block uses, repetitions), for its errors."""
+    if len(path) >= 2 and path[0] == "layers" and isinstance(path[1], int):
+        layer = node_at(raw, path[:2])
+        return list(getattr(layer, "trail", []))
+    return []
+
+
+def _located_error(err, path, kind, msg, where, raw, model) -> SpecError:
     if kind == "extra_forbidden":
         key = path[-1]
-        allowed = _allowed_keys(path[:-1], raw)
+        allowed = _allowed_keys(path[:-1], model)
         hint = did_you_mean(key, allowed) or (f"allowed keys here: {', '.join(allowed)}" if allowed else None)
         return SpecError(f"unknown key '{key}'{where}", key_loc(raw, path) or loc_of(raw, path), hint)
     if kind == "missing":
         return SpecError(f"missing required key '{path[-1]}'{where}", loc_of(raw, path[:-1]))
     if kind == "union_tag_invalid":
         tag = err["ctx"]["tag"]
-        hint = did_you_mean(tag, ops.REGISTRY) or "`lbdlc ops` lists the known ops"
+        hint = did_you_mean(tag, ops.REGISTRY) or "`lbdlc ops` lists the ops; blocks are defined under `blocks:`"
         return SpecError(f"unknown op '{tag}'", loc_of(raw, path + ("op",)), hint)
     if kind == "union_tag_not_found":
         return SpecError(
@@ -165,8 +186,8 @@ def _describe(path: tuple, raw: LocDict) -> str:
     return ""
 
 
-def _allowed_keys(path: tuple, raw: LocDict) -> list[str]:
-    model = _model_at(spec_model(), path)
+def _allowed_keys(path: tuple, root) -> list[str]:
+    model = _model_at(root, path)
     if model is None:
         return []
     return [f.alias or n for n, f in model.model_fields.items()]
@@ -214,3 +235,55 @@ def _op_tag(model) -> str | None:
     if isinstance(model, type) and issubclass(model, BaseModel) and "op" in model.model_fields:
         return typing.get_args(model.model_fields["op"].annotation)[0]
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# The source language: what a user writes before blocks, repeats and expressions are
+# expanded (lbdlc/expand.py). Layer items stay loose here; each expanded layer is validated
+# by its op's model above, at its own YAML position.
+
+Scalar = Union[bool, int, float, str]
+ParamType = Literal["int", "float", "bool", "str"]
+
+
+class ParamDecl(StrictModel):
+    """A block parameter: its type and, if it is optional, its default."""
+
+    type: ParamType | None = None  # inferred from the default when left out
+    default: Scalar | list[Scalar] | None = None
+    description: str | None = None
+
+
+class BlockDef(StrictModel):
+    """A reusable, parameterised sub-graph, used in `layers` like an op: `{op: <block>, param: value}`."""
+
+    description: str | None = None
+    params: dict[Identifier, ParamType | ParamDecl] = Field(default_factory=dict)
+    inputs: list[Identifier] = Field(default_factory=lambda: ["x"], min_length=1)
+    outputs: list[ScopedName] | None = None  # defaults to the last layer
+    layers: list[dict[str, Any]] = Field(min_length=1)
+
+
+class SourceSpec(StrictModel):
+    """An lbdlc model spec as written."""
+
+    lbdlc: Literal[1]
+    extends: str | None = None  # a base spec, merged under this one (lbdlc/compose.py)
+    name: Identifier | None = None
+    description: str | None = None
+    vars: dict[Identifier, Scalar | list[Scalar]] = Field(default_factory=dict)
+    blocks: dict[Identifier, BlockDef] = Field(default_factory=dict)
+    inputs: dict[Identifier, dict[str, Any]] = Field(min_length=1)
+    layers: list[dict[str, Any]] = Field(min_length=1)
+    outputs: list[ScopedName] | None = None
+
+
+def source_keys() -> list[str]:
+    return list(SourceSpec.model_fields)
+
+
+def parse_source(raw: Any, file: str) -> SourceSpec:
+    if not isinstance(raw, LocDict):
+        raise SpecError("a spec is a mapping of keys (lbdlc, inputs, layers, ...)", getattr(raw, "loc", None))
+    _check_version(raw, file)
+    return validate(SourceSpec, raw)

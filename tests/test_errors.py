@@ -105,10 +105,18 @@ def test_reference_to_missing_layer(cli, write_spec):
     assert "did you mean 'fc1'?" in err
 
 
-def test_reference_to_later_layer(cli, write_spec):
+def test_forward_reference_is_allowed(cli, write_spec):
+    path = write_spec(MLP.replace("{name: fc2, op: linear, out_features: 2}", "{name: fc2, op: linear, out_features: 2, in: act}")
+                      .replace("{op: relu}", "{name: act, op: relu, in: fc1}") + "outputs: [fc2]\n")
+    code, out, err = cli("check", path)
+    assert code == 0, err
+
+
+def test_cycle(cli, write_spec):
     path = write_spec(MLP.replace("{op: relu}", "{op: relu, in: fc2}"))
     err = check_fails(cli, path)
-    assert "'fc2' is defined after this layer" in located(err, path, 6, "fc2")
+    assert "the layers form a cycle: fc2 -> relu_1 -> fc2" in located(err, path, 6, "fc2")
+    assert "7:5: note: 'fc2' reads 'relu_1'" in err
 
 
 def test_shape_mismatch_names_both_shapes(cli, write_spec):
