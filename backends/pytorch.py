@@ -145,7 +145,51 @@ def _variable_names(graph: Graph) -> dict[int, str]:
 
 
 def _safe(name: str) -> str:
+    name = name.replace(".", "_")  # scoped names: layer1.0.residual -> layer1_0_residual
+    if name[:1].isdigit():
+        name = "_" + name
     return name + "_" if keyword.iskeyword(name) or name in _RESERVED else name
+
+
+# Scoped layer names (`layer1.0.conv1`) become nested containers, so that state_dict keys
+# stay the IR's parameter names: digit keys 0..n-1 an nn.ModuleList, others an nn.ModuleDict.
+_MODULE_DICT_ATTRS = set(dir(__import__("torch").nn.ModuleDict))
+
+
+def _module_tree(entries: list[tuple[str, str]]) -> dict:
+    tree: dict = {}
+    for name, ctor in entries:
+        *scopes, leaf = name.split(".")
+        node = tree
+        for part in scopes:
+            node = node.setdefault(part, {})
+        node[leaf] = ctor
+    return tree
+
+
+def _container(tree: dict, indent: str) -> str:
+    inner = indent + "    "
+    keys = list(tree)
+    items = [(k, tree[k] if isinstance(tree[k], str) else _container(tree[k], inner)) for k in keys]
+    if keys == [str(k) for k in range(len(keys))]:
+        body = "".join(f"{inner}{value},\n" for _, value in items)
+        return f"nn.ModuleList([\n{body}{indent}])"
+    body = "".join(f"{inner}{k!r}: {value},\n" for k, value in items)
+    return f"nn.ModuleDict({{\n{body}{indent}}})"
+
+
+def _access(name: str) -> str:
+    """`self.layer1[0].conv1` for the submodule of a scoped layer name."""
+    first, *rest = name.split(".")
+    path = f"self.{first}"
+    for part in rest:
+        if part.isdigit():
+            path += f"[{part}]"
+        elif part.isidentifier() and part not in _MODULE_DICT_ATTRS and not keyword.iskeyword(part):
+            path += f".{part}"
+        else:
+            path += f"[{part!r}]"
+    return path
 
 
 def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_version: str) -> str:
@@ -154,24 +198,29 @@ def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_versio
 
     module_attrs = set(dir(nn.Module))
     var = _variable_names(graph)
-    init_lines, forward_lines = [], []
+    modules, forward_lines = [], []
     for node in graph.nodes:
         if node.op not in EMITTERS:
             raise SpecError(f"the PyTorch backend cannot emit op '{node.op}'", node.origin)
         module, expr = EMITTERS[node.op](node, [var[id(v)] for v in node.inputs])
         if module is not None:
-            if node.name in module_attrs:
+            top = node.name.split(".")[0]
+            if top in module_attrs:
                 raise SpecError(
-                    f"the layer name '{node.name}' clashes with an attribute of torch.nn.Module",
+                    f"the layer name '{top}' clashes with an attribute of torch.nn.Module",
                     node.origin,
                     hint="rename the layer",
                 )
             where = f"  # {Path(spec_file).name}:{node.origin.line}" if node.origin else ""
-            init_lines.append(f"self.{node.name} = {module}{where}")
-            expr = expr.format(self=f"self.{node.name}")
+            modules.append((node.name, f"{module}{where}" if "." not in node.name else module))
+            expr = expr.format(self=_access(node.name))
         targets = ", ".join(var[id(v)] for v in node.outputs)
         forward_lines.append(f"{targets} = {expr}")
 
+    init_lines = [
+        f"self.{name} = {value}" if isinstance(value, str) else f"self.{name} = {_container(value, '        ')}"
+        for name, value in _module_tree(modules).items()
+    ]
     signature = ", ".join(f"{var[id(v)]}: torch.Tensor" for v in graph.inputs)
     results = [var[id(v)] for v in graph.outputs]
     returns = "torch.Tensor" if len(results) == 1 else "tuple[" + ", ".join(["torch.Tensor"] * len(results)) + "]"

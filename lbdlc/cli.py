@@ -27,6 +27,23 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 SpecArg = typer.Argument(..., help="A model spec (YAML), e.g. specs/mlp.yaml.", show_default=False)
+SetOpt = typer.Option([], "--set", help="Override a spec value: PATH=VALUE, e.g. --set d_model=1024 or --set layers.fc1.out_features=30 (repeatable).")
+StrictOpt = typer.Option(False, "--strict", help="Treat warnings (unused inputs or layers) as errors.")
+
+
+def _warn(warnings) -> None:
+    for w in warnings:
+        err.print(render(w), markup=False, soft_wrap=True)
+
+
+def _graph(spec: Path, overrides: list[str], strict: bool):
+    """Load, expand and lower a spec; print its warnings."""
+    from .lower import load, lower
+
+    loaded = load(spec, overrides)
+    graph = lower(loaded, strict)
+    _warn(loaded.warnings)
+    return loaded, graph
 
 
 def _fail(exc: SpecError | SpecErrors) -> None:
@@ -46,13 +63,14 @@ def _fmt_int(n: int) -> str:
 def check(
     spec: Path = SpecArg,
     as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON for scripts."),
+    overrides: list[str] = SetOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     """Validate a spec and print each layer's op, output shape, parameters and FLOPs, without allocating weights."""
     from .analysis import summarize
-    from .lower import load, lower
 
     try:
-        summary = summarize(lower(load(spec)))
+        summary = summarize(_graph(spec, overrides, strict)[1])
     except (SpecError, SpecErrors) as exc:
         _fail(exc)
     if as_json:
@@ -84,20 +102,44 @@ def build(
     backend: list[str] = typer.Option(
         ["pytorch", "onnx", "tvm"], "--backend", "-b", help="Backends to run (repeat the option); default all."
     ),
+    overrides: list[str] = SetOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     """Compile a spec: model.py, weights.safetensors, model.onnx, a TVM library and manifest.json."""
     from .driver import BuildOptions, build as run_build
     from .lower import load
 
     try:
-        out_dir = output or Path("out") / load(spec).name
-        result = run_build(spec, out_dir, BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend)))
+        out_dir = output or Path("out") / load(spec, overrides).name
+        options = BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend), overrides=tuple(overrides), strict=strict)
+        result = run_build(spec, out_dir, options)
     except (SpecError, SpecErrors) as exc:
         _fail(exc)
+    _warn(result.warnings)
     m = result.manifest["model"]
     out.print(f"built {m['name']}: {_fmt_int(m['params'])} parameters -> {result.out_dir}", markup=False)
     for name, info in result.manifest["artifacts"].items():
         out.print(f"  {name:<22} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:12]}", markup=False)
+
+
+@app.command()
+def show(spec: Path = SpecArg, overrides: list[str] = SetOpt) -> None:
+    """Print the fully resolved spec: extends and --set applied, blocks and repeats expanded, expressions evaluated, defaults filled."""
+    from .resolved import resolved_yaml
+
+    try:
+        loaded, _ = _graph(spec, overrides, False)
+    except (SpecError, SpecErrors) as exc:
+        _fail(exc)
+    print(resolved_yaml(loaded), end="")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the spec language, for editors (see README: VS Code YAML)."""
+    from .schema import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
 
 
 @app.command("ops")

@@ -8,7 +8,8 @@ a list of named items merges into those items by `name` (the documented merge ke
     layers: {head: {out_features: 1000}}      # changes one layer of the inherited list
 
 `--set PATH=VALUE` overrides one value: PATH walks mappings by key and lists by index or
-item name (`layers.fc1.out_features=30`); a bare variable name means `vars.NAME`. The
+item name (`layers.fc1.out_features=30`); a path may start with a variable name (`d_model`
+for `vars.d_model`) or a top-level layer name (`fc1.out_features`). The
 value is YAML (`3e-4`, `true`, `[1, 2]`). An override of a key that does not exist is an
 error with did-you-mean, unless the key is a valid, unwritten attribute of that layer.
 """
@@ -110,8 +111,17 @@ def apply_override(raw: LocDict, text: str, file: str) -> None:
         raise SpecError(f"an override is KEY=VALUE, got '{text}'", Loc(file, 1, 1), hint="e.g. --set d_model=1024")
     segments = path.split(".")
     columns = [1 + sum(len(s) + 1 for s in segments[:k]) for k in range(len(segments))]
-    if segments[0] not in raw and isinstance(raw.get("vars"), LocDict) and segments[0] in raw["vars"]:
-        segments, columns = ["vars"] + segments, [columns[0]] + columns
+    if segments[0] not in raw:  # shorthands: a variable name, or a top-level layer name
+        if isinstance(raw.get("vars"), LocDict) and segments[0] in raw["vars"]:
+            segments, columns = ["vars"] + segments, [columns[0]] + columns
+        elif isinstance(raw.get("layers"), LocList) and segments[0] in [l.get("name") for l in raw["layers"] if isinstance(l, dict)]:
+            segments, columns = ["layers"] + segments, [columns[0]] + columns
+    from .spec import source_keys
+
+    if segments[0] not in raw and segments[0] not in source_keys():
+        shorthands = list(raw) + list(raw.get("vars") or []) + [l.get("name") for l in raw.get("layers") or [] if isinstance(l, dict) and l.get("name")]
+        raise SpecError(f"no key, variable or layer '{segments[0]}' to override", Loc(file, 1, 1),
+                        hint=did_you_mean(segments[0], shorthands) or ("keys: " + ", ".join(map(str, raw))))
     node = raw
     for seg, col in zip(segments[:-1], columns[:-1]):
         node = _child(node, seg, Loc(file, 1, col))

@@ -28,6 +28,8 @@ class BuildOptions:
     weights: Path | None = None
     opset: int = 20
     backends: tuple[str, ...] = BACKENDS
+    overrides: tuple[str, ...] = ()  # --set PATH=VALUE
+    strict: bool = False  # warnings (unused inputs or layers) become errors
 
 
 @dataclass
@@ -36,6 +38,7 @@ class BuildResult:
     graph: Graph
     manifest: dict
     artifacts: list[Path] = field(default_factory=list)
+    warnings: list = field(default_factory=list)
 
 
 def sha256_file(path: Path) -> str:
@@ -69,8 +72,8 @@ def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = Bu
     unknown = [b for b in options.backends if b not in BACKENDS]
     if unknown:
         raise SpecError(f"unknown backend '{unknown[0]}'", hint=f"choose from {', '.join(BACKENDS)}")
-    loaded = load(spec_path)
-    graph = lower(loaded)
+    loaded = load(spec_path, options.overrides)
+    graph = lower(loaded, options.strict)
     weights = load_checked(graph, options.weights) if options.weights else initialize(graph, options.seed)
 
     out_dir = Path(out_dir)
@@ -84,7 +87,8 @@ def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = Bu
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BuildResult(out_dir, graph, manifest, [out_dir / p.name for p in artifacts] + [out_dir / "manifest.json"])
+    artifacts = [out_dir / p.name for p in artifacts] + [out_dir / "manifest.json"]
+    return BuildResult(out_dir, graph, manifest, artifacts, loaded.warnings)
 
 
 def _write_artifacts(loaded: Loaded, graph: Graph, weights: dict, tmp: Path, options: BuildOptions) -> list[Path]:
@@ -111,6 +115,7 @@ def _write_artifacts(loaded: Loaded, graph: Graph, weights: dict, tmp: Path, opt
 
 def _manifest(loaded: Loaded, graph: Graph, options: BuildOptions, tmp: Path, artifacts: list[Path]) -> dict:
     from .analysis import summarize
+    from .resolved import resolved_dict
 
     summary = summarize(graph)
     return {
@@ -118,12 +123,13 @@ def _manifest(loaded: Loaded, graph: Graph, options: BuildOptions, tmp: Path, ar
             "path": loaded.path.as_posix(),
             "sha256": hashlib.sha256(loaded.text.encode("utf-8")).hexdigest(),
         },
-        "resolved_spec": loaded.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "resolved_spec": resolved_dict(loaded),
         "build": {
             "seed": options.seed,
             "weights_from": Path(options.weights).as_posix() if options.weights else None,
             "opset": options.opset if "onnx" in options.backends else None,
             "backends": list(options.backends),
+            "overrides": list(options.overrides),
         },
         "model": {
             "name": graph.name,

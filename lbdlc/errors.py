@@ -25,6 +25,7 @@ class SpecError(Exception):
     loc: "Loc | None" = None
     hint: str | None = None
     notes: list[Note] = field(default_factory=list)
+    severity: str = "error"  # or "warning": printed, and an error only under --strict
 
     def __str__(self) -> str:
         return render(self)
@@ -45,7 +46,7 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
 
 def render(err: SpecError) -> str:
     """`file:line:col: error: message`, the line, a caret under the column, notes and hint."""
-    lines = [f"{err.loc}: error: {err.message}" if err.loc else f"error: {err.message}"]
+    lines = [f"{err.loc}: {err.severity}: {err.message}" if err.loc else f"{err.severity}: {err.message}"]
     lines += _quote(err.loc)
     for note in err.notes:
         lines.append(f"{note.loc}: note: {note.message}" if note.loc else f"note: {note.message}")

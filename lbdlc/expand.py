@@ -59,6 +59,12 @@ class Scope:
         return names
 
 
+def _valid_name(name: str, nested: bool) -> bool:
+    first, *rest = name.split(".")
+    ok_first = first.isidentifier() or (nested and first.isdigit())
+    return ok_first and all(p.isidentifier() or p.isdigit() for p in rest)
+
+
 def _at(value, key, default=None):
     return value.value_locs.get(key, default) if isinstance(value, LocDict) else default
 
@@ -121,8 +127,9 @@ class Expander:
                 raise SpecError("a layer needs an `op` key (or `layers:` for a group)", loc, hint="e.g. `- {op: linear, out_features: 10}`")
             if "name" in item:
                 name = self.value(item["name"], names, item.value_locs["name"])
-                # Inside blocks and groups, digit names are allowed too (torchvision's `downsample.0`).
-                if not isinstance(name, str) or not (name.isidentifier() or (scope.prefix and name.isdigit())):
+                # Inside blocks and groups, digit names are allowed too (torchvision's `downsample.0`);
+                # dotted names are what `lbdlc show` writes for expanded layers.
+                if not isinstance(name, str) or not _valid_name(name, nested=bool(scope.prefix)):
                     raise SpecError(f"a layer name is an identifier (letters, digits, _), got {name!r}", item.value_locs["name"])
                 if name in explicit or name in scope.entries:
                     first = explicit.get(name)

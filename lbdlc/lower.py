@@ -5,7 +5,7 @@ reported there, naming both shapes and the line that produced the incoming tenso
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -25,6 +25,7 @@ class Loaded:
     raw: LocDict
     path: Path
     text: str
+    warnings: list = field(default_factory=list)  # SpecErrors of severity "warning", from lowering
 
     @property
     def name(self) -> str:
@@ -50,7 +51,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Loaded:
     return Loaded(spec, flat, path, path.read_text(encoding="utf-8"))
 
 
-def lower(loaded: Loaded) -> Graph:
+def lower(loaded: Loaded, strict: bool = False) -> Graph:
     spec, raw = loaded.spec, loaded.raw
     env: dict[str, tuple[Value, Loc | None]] = {}
     inputs: list[Value] = []
@@ -90,7 +91,7 @@ def lower(loaded: Loaded) -> Graph:
 
     outputs = _outputs(spec, env, nodes[-1].outputs[0], raw)
     graph = Graph(loaded.name, inputs, nodes, outputs, params)
-    _check_unused(graph, raw)
+    loaded.warnings = _check_unused(graph, raw, strict)
     graph.verify()
     return graph
 
@@ -231,16 +232,21 @@ def _outputs(spec, env, last: Value, raw) -> list[Value]:
     return values
 
 
-def _check_unused(graph: Graph, raw) -> None:
+def _check_unused(graph: Graph, raw, strict: bool) -> list[SpecError]:
+    """Inputs and layers whose values nobody reads: warnings, or errors with `strict`."""
     used = {id(v) for n in graph.nodes for v in n.inputs} | {id(v) for v in graph.outputs}
-    errors = [
-        SpecError(
-            f"input '{v.name}' is never used",
-            raw["inputs"].key_locs[v.name],
-            hint="remove it, or read it from a layer with `in:`",
-        )
+    severity = "error" if strict else "warning"
+    problems = [
+        SpecError(f"input '{v.name}' is never used", raw["inputs"].key_locs[v.name],
+                  hint="remove it, or read it from a layer with `in:`", severity=severity)
         for v in graph.inputs
         if id(v) not in used
+    ] + [
+        SpecError(f"the output of layer '{n.name}' is never used", n.origin,
+                  hint="remove the layer, read it with `in:`, or list it in `outputs:`", severity=severity)
+        for n in graph.nodes
+        if not any(id(v) in used for v in n.outputs)
     ]
-    if errors:
-        raise SpecErrors(errors)
+    if strict and problems:
+        raise SpecErrors(problems)
+    return problems

@@ -155,10 +155,19 @@ def test_duplicate_layer_name(cli, write_spec):
     assert "the name 'fc1' is already used" in located(err, path, 7, "fc1")
 
 
-def test_unused_input(cli, write_spec):
+def test_unused_input_warns_and_strict_refuses(cli, write_spec):
     path = write_spec(MLP.replace("  x: {shape: [batch, 50]}", "  x: {shape: [batch, 50]}\n  mask: {shape: [batch, 50]}"))
-    err = check_fails(cli, path)
+    code, _, err = cli("check", path)
+    assert code == 0 and f"{path}:4:3: warning: input 'mask' is never used" in err
+    code, _, err = cli("check", path, "--strict")
+    assert code == 2
     assert "input 'mask' is never used" in located(err, path, 4, "mask")
+
+
+def test_unused_layer_warns(cli, write_spec):
+    path = write_spec(MLP + "  - {name: dead, op: relu, in: fc1}\n" + "outputs: [fc2]\n")
+    code, _, err = cli("check", path)
+    assert code == 0 and f"{path}:8:5: warning: the output of layer 'dead' is never used" in err
 
 
 def test_several_errors_reported_together(cli, write_spec):
