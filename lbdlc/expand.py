@@ -86,17 +86,17 @@ class Expander:
             out[name] = self.value(raw_vars[name], out, raw_vars.value_locs[name])
         return out
 
-    def value(self, value, names: dict, loc: Loc | None):
+    def value(self, value, names: dict, loc: Loc | None, trail: list[Note] = ()):
         """Evaluate `${...}` in a scalar (or inside a list), reporting errors at the character."""
         if isinstance(value, LocList):
-            out = LocList(self.value(v, names, l) for v, l in zip(value, value.item_locs))
+            out = LocList(self.value(v, names, l, trail) for v, l in zip(value, value.item_locs))
             out.loc, out.item_locs = value.loc, value.item_locs
             return out
         if isinstance(value, LocDict):
             out = LocDict()
             out.loc, out.key_locs, out.value_locs = value.loc, value.key_locs, value.value_locs
             for k in value:
-                out[k] = self.value(value[k], names, value.value_locs[k])
+                out[k] = self.value(value[k], names, value.value_locs[k], trail)
             return out
         if not has_expression(value):
             return value
@@ -104,7 +104,7 @@ class Expander:
             return substitute(value, names)
         except ExprError as exc:
             where = Loc(loc.file, loc.line, loc.col + exc.offset) if loc else None
-            raise SpecError(exc.message, where, hint=exc.hint) from None
+            raise SpecError(exc.message, where, hint=exc.hint, notes=list(trail)) from None
 
     # -- items --------------------------------------------------------------------------
     def expand_items(self, items, scope: Scope, inputs: list, names: dict, trail: list[Note]):
@@ -160,7 +160,7 @@ class Expander:
     def expand_item(self, item: LocDict, loc: Loc, scope: Scope, name: str, inputs: list, names: dict, trail: list[Note]):
         if "repeat" not in item:
             return self._expand_one(item, loc, scope, name, inputs, names, trail)
-        count = self.value(item["repeat"], names, item.value_locs["repeat"])
+        count = self.value(item["repeat"], names, item.value_locs["repeat"], trail)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise SpecError(f"`repeat` is a positive whole number, got {count!r}", item.value_locs["repeat"],
                             hint="e.g. `repeat: 6` or `repeat: ${n_layers}`")
@@ -176,7 +176,7 @@ class Expander:
         return current[0]
 
     def _expand_one(self, item: LocDict, loc: Loc, scope: Scope, name: str, inputs: list, names: dict, trail: list[Note]):
-        if "when" in item and not self._included(item, names):
+        if "when" in item and not self._included(item, names, trail):
             # A skipped item passes its input through: `in: [bn3, downsample]` then reads
             # what `downsample` would have read.
             if len(inputs) != 1:
@@ -193,8 +193,8 @@ class Expander:
         # Ops, and unknown ops too: validating the flat spec reports every bad layer at once.
         return self._layer(item, loc, scope, name, inputs, names, trail)
 
-    def _included(self, item: LocDict, names: dict) -> bool:
-        value = self.value(item["when"], names, item.value_locs["when"])
+    def _included(self, item: LocDict, names: dict, trail) -> bool:
+        value = self.value(item["when"], names, item.value_locs["when"], trail)
         if not isinstance(value, bool):
             raise SpecError(f"`when` is true or false, got {value!r}", item.value_locs["when"], hint="e.g. `when: ${i == 0}`")
         return value
@@ -213,7 +213,7 @@ class Expander:
         for key in item:
             if key in LAYER_KEYS:
                 continue
-            flat[key] = self.value(item[key], names, item.value_locs[key])
+            flat[key] = self.value(item[key], names, item.value_locs[key], trail)
             flat.key_locs[key], flat.value_locs[key] = item.key_locs[key], item.value_locs[key]
         self.layers.append(flat)
         self.layers.item_locs.append(loc)
@@ -242,7 +242,7 @@ class Expander:
                             hint="blocks can nest, but not recursively")
         block: BlockDef = self.source.blocks[block_name]
         raw_block = self.raw["blocks"][block_name]
-        params = self._block_params(item, block_name, block, raw_block, names)
+        params = self._block_params(item, block_name, block, raw_block, names, trail)
         if len(inputs) != len(block.inputs):
             raise SpecError(
                 f"block '{block_name}' takes {len(block.inputs)} input{'s' if len(block.inputs) > 1 else ''} "
@@ -270,7 +270,7 @@ class Expander:
             entry.output = refs[-1] if len(refs) == 1 else None
         return entry.output if entry.output is not None else next(iter(entry.outputs.values()))
 
-    def _block_params(self, item, block_name, block: BlockDef, raw_block, names) -> dict:
+    def _block_params(self, item, block_name, block: BlockDef, raw_block, names, trail) -> dict:
         params = {}
         for key in item:
             if key in LAYER_KEYS:
@@ -278,7 +278,7 @@ class Expander:
             if key not in block.params:
                 raise SpecError(f"block '{block_name}' has no parameter '{key}'", item.key_locs[key],
                                 hint=did_you_mean(key, block.params) or (f"its parameters: {', '.join(block.params)}" if block.params else "it takes no parameters"))
-            params[key] = self.value(item[key], names, item.value_locs[key])
+            params[key] = self.value(item[key], names, item.value_locs[key], trail)
         for pname, decl in block.params.items():
             decl = decl if isinstance(decl, ParamDecl) else ParamDecl(type=decl)
             has_default = "default" in decl.model_fields_set

@@ -14,7 +14,7 @@ from . import ops
 from .errors import Note, SpecError, SpecErrors, did_you_mean
 from .ir import Graph, Node, Param, TensorType, Value, as_dim, symbol
 from .source import Loc, LocDict, loc_of
-from .spec import attrs_of, parse_spec
+from .spec import attrs_of, parse_spec, trail_notes
 
 
 @dataclass
@@ -213,7 +213,7 @@ def _shape_error(exc: ops.ShapeError, layer, name, in_values, env, raw, path) ->
         f"{layer.op} layer '{name}': {exc.message}",
         field_loc or loc_of(raw, path + ("op",)),
         hint=exc.hint,
-        notes=notes,
+        notes=notes + trail_notes(raw, path),
     )
 
 
