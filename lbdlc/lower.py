@@ -41,10 +41,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Loaded:
     """Read a spec: compose (`extends`, `--set`), validate, expand blocks and repeats."""
     from .compose import load_composed
     from .expand import expand
-    from .spec import parse_source
+    from .spec import migrate, parse_source
 
     path = Path(path)
-    composed = load_composed(path, list(overrides))
+    composed = migrate(load_composed(path, list(overrides)))
     source = parse_source(composed, str(path))
     flat = expand(composed, source)
     spec = parse_spec(flat, str(path))

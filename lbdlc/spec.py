@@ -282,6 +282,19 @@ def source_keys() -> list[str]:
     return list(SourceSpec.model_fields)
 
 
+# Upgrades of older language versions: MIGRATIONS[v] rewrites a version-v spec (LocDict,
+# positions kept) into version v + 1. Version 1 is the first, so there are none yet.
+MIGRATIONS: dict[int, Any] = {}
+
+
+def migrate(raw: LocDict) -> LocDict:
+    version = raw.get("lbdlc")
+    while isinstance(version, int) and version in MIGRATIONS:
+        raw = MIGRATIONS[version](raw)
+        version = raw["lbdlc"]
+    return raw
+
+
 def parse_source(raw: Any, file: str) -> SourceSpec:
     if not isinstance(raw, LocDict):
         raise SpecError("a spec is a mapping of keys (lbdlc, inputs, layers, ...)", getattr(raw, "loc", None))
