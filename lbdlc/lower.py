@@ -81,7 +81,11 @@ def lower(loaded: Loaded, strict: bool = False) -> Graph:
             raise _shape_error(exc, layer, name, in_values, env, raw, path) from None
         outputs = [Value(name if len(out_types) == 1 else f"{name}.{k}", t) for k, t in enumerate(out_types)]
         node = Node(layer.op, name, in_values, outputs, attrs, origin=origin)
+        tied = _tied(layer, param_defs, params, raw, path)
         for local, pd in param_defs.items():
+            if local in tied:
+                node.params[local] = tied[local]
+                continue
             full = f"{name}.{local}"
             params[full] = Param.named(full, pd)
             node.params[local] = full
@@ -94,6 +98,22 @@ def lower(loaded: Loaded, strict: bool = False) -> Graph:
     loaded.warnings = _check_unused(graph, raw, strict)
     graph.verify()
     return graph
+
+
+def _tied(layer, param_defs, params: dict[str, Param], raw, path) -> dict[str, str]:
+    """`tie: {weight: wte.weight}`: the layer uses an existing parameter instead of its own."""
+    for local, target in (layer.tie or {}).items():
+        where = loc_of(raw, path + ("tie", local))
+        if local not in param_defs:
+            raise SpecError(f"{layer.op} has no parameter '{local}' to tie", where,
+                            hint=did_you_mean(local, param_defs) or f"its parameters: {', '.join(param_defs) or 'none'}")
+        if target not in params:
+            raise SpecError(f"no parameter named '{target}' (yet) to tie '{local}' to", where,
+                            hint=did_you_mean(target, params) or "tie to a parameter of a layer that runs earlier, by its full name")
+        want, have = tuple(param_defs[local].shape), params[target].shape
+        if want != have:
+            raise SpecError(f"cannot tie '{local}' of shape {list(want)} to '{target}' of shape {list(have)}", where)
+    return dict(layer.tie or {})
 
 
 def _layer_names(spec) -> list[str]:

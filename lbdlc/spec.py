@@ -41,6 +41,9 @@ class LayerBase(StrictModel):
 
     name: ScopedName | None = None  # defaults to the op name and a counter: conv2d_1, conv2d_2, ...
     in_: ScopedName | list[ScopedName] | None = Field(None, alias="in")  # defaults to the previous layer
+    # Weight tying: this layer's parameter (key) is another layer's (value, a full name), e.g.
+    # a language-model head sharing the token embedding: `tie: {weight: wte.weight}`.
+    tie: dict[str, ScopedName] | None = None
 
 
 @lru_cache(maxsize=None)

@@ -244,3 +244,37 @@ def test_schema_accepts_every_spec_and_rejects_unknown_keys(cli):
     assert list(validator.iter_errors(bad))
     # Editors complete an op's attributes from its own schema.
     assert "kernel_size" in schema["$defs"]["Conv2dLayer"]["properties"]
+
+
+TIED = """\
+lbdlc: 1
+inputs:
+  x: {shape: [batch, 8]}
+layers:
+  - {name: enc, op: linear, out_features: 8, bias: false}
+  - {op: relu}
+  - {name: dec, op: linear, out_features: 8, bias: false, tie: {weight: enc.weight}}
+"""
+
+
+def test_weight_tying_shares_one_parameter(write_spec, tmp_path):
+    from lbdlc.driver import build
+    from lbdlc.verify import compare, random_inputs
+
+    params, graph = params_of(write_spec(TIED))
+    assert list(params) == ["enc.weight"]  # counted once, stored once
+    assert next(n for n in graph.nodes if n.name == "dec").params == {"weight": "enc.weight"}
+    out = build(write_spec(TIED), tmp_path / "out").out_dir
+    assert "F.linear(x, self.enc.weight)" in (out / "model.py").read_text()
+    assert compare(out, random_inputs(out)).ok(1e-5)
+
+
+def test_tying_shape_mismatch(cli, write_spec):
+    path = write_spec(TIED.replace("out_features: 8, bias: false}", "out_features: 4, bias: false}"))
+    err = error_at(cli, path, 7, "enc.weight}")
+    assert "cannot tie 'weight' of shape [8, 4] to 'enc.weight' of shape [4, 8]" in err
+
+
+def test_tying_unknown_parameter(cli, write_spec):
+    path = write_spec(TIED.replace("tie: {weight: enc.weight}", "tie: {weight: enc.wieght}"))
+    assert "did you mean 'enc.weight'?" in error_at(cli, path, 7, "enc.wieght")
