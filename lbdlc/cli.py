@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
 from .errors import SpecError, SpecErrors, render
 
 app = typer.Typer(

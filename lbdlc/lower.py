@@ -226,7 +226,7 @@ def _check_arity(op, in_values, raw, path) -> None:
 def _shape_error(exc: ops.ShapeError, layer, name, in_values, env, raw, path) -> SpecError:
     field_loc = loc_of(raw, path + (exc.field,)) if exc.field and exc.field in raw["layers"][path[1]] else None
     notes = [
-        Note(f"input '{v.name}' has shape {v.type}" + (f", produced here" if env[v.name][1] else ""), env[v.name][1])
+        Note(f"input '{v.name}' has shape {v.type}" + (", produced here" if env[v.name][1] else ""), env[v.name][1])
         for v in in_values
     ]
     return SpecError(

@@ -22,8 +22,9 @@ def manifest(out_dir: Path) -> dict:
     return json.loads((Path(out_dir) / "manifest.json").read_text())
 
 
-def random_inputs(out_dir: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for the model's signature; symbolic dims take `sizes` (default 2)."""
+def random_inputs(out_dir: Path, sizes: dict[str, int] | None = None, seed: int = 0, int_high: int = 2) -> dict[str, np.ndarray]:
+    """Random inputs for the model's signature; symbolic dims take `sizes` (default 2).
+    Integer inputs (token ids) are drawn from [0, int_high)."""
     rng = np.random.default_rng(seed)
     sizes = sizes or {}
     out = {}
@@ -33,7 +34,7 @@ def random_inputs(out_dir: Path, sizes: dict[str, int] | None = None, seed: int 
         if np.issubdtype(dtype, np.floating):
             out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
         else:
-            out[spec["name"]] = rng.integers(0, 2, shape).astype(dtype)
+            out[spec["name"]] = rng.integers(0, int_high, shape).astype(dtype)
     return out
 
 

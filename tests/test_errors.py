@@ -3,6 +3,8 @@ import re
 
 import pytest
 
+from conftest import located
+
 MLP = """\
 lbdlc: 1
 inputs:
@@ -12,19 +14,6 @@ layers:
   - {op: relu}
   - {name: fc2, op: linear, out_features: 2}
 """
-
-
-def located(stderr: str, path, line: int, needle: str) -> str:
-    """Assert the first error is at path:line:col, where col is that of `needle` on the line,
-    with the line quoted and a caret under the column; return the first line."""
-    col = path.read_text().splitlines()[line - 1].index(needle) + 1
-    lines = stderr.splitlines()
-    assert lines[0].startswith(f"{path}:{line}:{col}: error: "), stderr
-    quoted, caret = lines[1], lines[2]
-    assert quoted.startswith(f"{line:>4} | ")
-    assert caret.index("^") == len(f"{line:>4} | ") + col - 1, stderr
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 def check_fails(cli, path):

@@ -5,7 +5,7 @@ import pytest
 
 from lbdlc.lower import load, lower
 
-from conftest import SPECS
+from conftest import SPECS, located
 
 
 def params_of(path, *overrides):
@@ -14,14 +14,10 @@ def params_of(path, *overrides):
 
 
 def error_at(cli, path, line, needle, *args, command="check"):
-    """Run the CLI, expect exit 2, and check the first error's position is `needle` on `line`."""
+    """Run the CLI, expect exit 2 and the first error at `needle` on `line`; return stderr."""
     code, out, err = cli(command, path, *args)
     assert code == 2, (out, err)
-    text = path.read_text().splitlines()[line - 1]
-    col = text.index(needle) + 1
-    first = err.splitlines()[0]
-    assert first.startswith(f"{path}:{line}:{col}: error: "), err
-    assert err.splitlines()[2].index("^") == len(f"{line:>4} | ") + col - 1, err
+    located(err, path, line, needle)
     return err
 
 

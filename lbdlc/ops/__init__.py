@@ -72,4 +72,4 @@ def get(name: str) -> Op:
 
 
 # The built-in op families register themselves on import.
-from . import conv, elementwise, linear, norm, shape  # noqa: E402,F401
+from . import attention, conv, elementwise, linear, norm, shape  # noqa: E402,F401
