@@ -166,6 +166,72 @@ def _add(e, n, x, out):
         acc = e.add("Add", [acc, term], out if k == len(x) - 1 else e.temp(n.name, "sum"), n.name)
 
 
+def _embedding(e, n, x, out):
+    e.add("Gather", [n.params["weight"], x[0]], out, n.name, axis=0)
+
+
+def _add_positions(e, n, x, table, out):
+    """out = x + table[:seq], with seq read from x at run time (it is usually symbolic)."""
+    s = n.name
+    seq = e.add("Shape", [x[0]], e.temp(s, "seq"), s, start=1, end=2)
+    zero = e.const(s, "start", np.array([0], np.int64))
+    rows = e.add("Slice", [table, zero, seq, e.const(s, "axes", np.array([0], np.int64))], e.temp(s, "rows"), s)
+    e.add("Add", [x[0], rows], out, s)
+
+
+def _sinusoidal_position(e, n, x, out):
+    from lbdlc.ops.attention import sinusoidal_table
+
+    a = n.attrs
+    table = e.const(n.name, "pe", sinusoidal_table(a.max_positions, a.embedding_dim, a.base))
+    _add_positions(e, n, x, table, out)
+
+
+def _project(e, n, proj: str, x: str, out: str | None = None) -> str:
+    """x W^T + b for one of attention's projections (`q_proj`, ...)."""
+    s = n.name
+    wt = e.add("Transpose", [n.params[f"{proj}.weight"]], e.temp(s, f"{proj}_weight_t"), s, perm=[1, 0])
+    bias = n.params.get(f"{proj}.bias")
+    y = e.add("MatMul", [x, wt], out if bias is None and out else e.temp(s, proj), s)
+    if bias is not None:
+        y = e.add("Add", [y, bias], out or e.temp(s, f"{proj}_bias"), s)
+    return y
+
+
+def _attention(e, n, x, out):
+    """Opset 23: the native Attention op. Below: MatMul/Softmax with heads split by Reshape and
+    Transpose, and for `causal` an additive mask built from the run-time lengths:
+    Trilu(upper, k=1) of a [seq, seq_kv] ConstantOfShape(-inf), i.e. -inf above the diagonal."""
+    a, s = n.attrs, n.name
+    heads, head_dim = a.heads, a.embed_dim // a.heads
+    query, context = x[0], x[-1]
+    q, k, v = (_project(e, n, p, src) for p, src in (("q_proj", query), ("k_proj", context), ("v_proj", context)))
+    if e.opset >= 23:
+        y = e.add("Attention", [q, k, v], e.temp(s, "attention"), s, q_num_heads=heads, kv_num_heads=heads, is_causal=int(a.causal))
+    else:
+        split = e.const(s, "split_heads", np.array([0, 0, heads, head_dim], np.int64))  # [batch, seq, heads, head_dim]
+
+        def heads_of(t, what, perm):
+            return e.add("Transpose", [e.add("Reshape", [t, split], e.temp(s, what), s)], e.temp(s, f"{what}_t"), s, perm=perm)
+
+        qh = heads_of(q, "q_heads", [0, 2, 1, 3])  # [batch, heads, seq, head_dim]
+        kt = heads_of(k, "k_heads", [0, 2, 3, 1])  # [batch, heads, head_dim, seq_kv]
+        vh = heads_of(v, "v_heads", [0, 2, 1, 3])  # [batch, heads, seq_kv, head_dim]
+        scale = e.const(s, "scale", np.array(1 / math.sqrt(head_dim), np.float32))
+        scores = e.add("Mul", [e.add("MatMul", [qh, kt], e.temp(s, "qk"), s), scale], e.temp(s, "scores"), s)
+        if a.causal:
+            lengths = [e.add("Shape", [t], e.temp(s, what), s, start=1, end=2) for t, what in ((query, "seq"), (context, "seq_kv"))]
+            size = e.add("Concat", lengths, e.temp(s, "mask_shape"), s, axis=0)
+            minus_inf = helper.make_tensor("value", TensorProto.FLOAT, [1], [-math.inf])
+            full = e.add("ConstantOfShape", [size], e.temp(s, "minus_inf"), s, value=minus_inf)
+            mask = e.add("Trilu", [full, e.const(s, "k", np.array(1, np.int64))], e.temp(s, "causal_mask"), s, upper=1)
+            scores = e.add("Add", [scores, mask], e.temp(s, "masked"), s)
+        probs = e.add("Softmax", [scores], e.temp(s, "probs"), s, axis=-1)
+        mixed = e.add("Transpose", [e.add("MatMul", [probs, vh], e.temp(s, "pv"), s)], e.temp(s, "pv_t"), s, perm=[0, 2, 1, 3])
+        y = e.add("Reshape", [mixed, e.const(s, "merge_heads", np.array([0, 0, a.embed_dim], np.int64))], e.temp(s, "merged"), s)
+    _project(e, n, "out_proj", y, out)
+
+
 EMITTERS: dict[str, Emitter] = {
     "linear": _linear,
     "conv2d": _conv2d,
@@ -185,6 +251,10 @@ EMITTERS: dict[str, Emitter] = {
     "reshape": _reshape_to_output,
     "add": _add,
     "concat": lambda e, n, x, out: e.add("Concat", x, out, n.name, axis=n.attrs.dim),
+    "embedding": _embedding,
+    "position_embedding": lambda e, n, x, out: _add_positions(e, n, x, n.params["weight"], out),
+    "sinusoidal_position": _sinusoidal_position,
+    "attention": _attention,
 }
 
 def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:

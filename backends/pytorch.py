@@ -88,6 +88,22 @@ def _reshape(n, x):
     return None, f"{x[0]}.reshape({', '.join(dims)})"
 
 
+def _attention(n, x):
+    a = n.attrs
+    args = _args(a.embed_dim, a.heads, causal=(a.causal, False), bias=(a.bias, True), dropout=(a.dropout, 0.0))
+    return f"MultiHeadAttention({args})", f"{{self}}({', '.join(x)})"
+
+
+def _position_embedding(n, x):
+    return f"PositionEmbedding({n.attrs.max_positions}, {n.attrs.embedding_dim})", f"{{self}}({x[0]})"
+
+
+def _sinusoidal_position(n, x):
+    a = n.attrs
+    args = _args(a.embedding_dim, max_positions=(a.max_positions, 4096), base=(a.base, 10000.0))
+    return f"SinusoidalPosition({args})", f"{{self}}({x[0]})"
+
+
 EMITTERS: dict[str, Emitter] = {
     "linear": _linear,
     "conv2d": _conv2d,
@@ -107,11 +123,78 @@ EMITTERS: dict[str, Emitter] = {
     "reshape": _reshape,
     "add": lambda n, x: (None, " + ".join(x)),
     "concat": lambda n, x: (None, f"torch.cat([{', '.join(x)}], dim={n.attrs.dim})"),
+    "embedding": lambda n, x: (f"nn.Embedding({n.attrs.num_embeddings}, {n.attrs.embedding_dim})", f"{{self}}({x[0]})"),
+    "position_embedding": _position_embedding,
+    "sinusoidal_position": _sinusoidal_position,
+    "attention": _attention,
 }
 
 # Helper classes some emitters construct (op name -> source), written once into model.py
 # when a graph uses that op, so the generated file stays standalone.
-SUPPORT: dict[str, str] = {}
+SUPPORT: dict[str, str] = {
+    "attention": '''
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention, batch first: [batch, seq, dim] in and out.
+
+    Self-attention on `x`, or cross-attention when `context` [batch, seq_kv, dim] is given.
+    With causal=True, query position i attends to key positions j <= i.
+    """
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        assert dim % heads == 0, "heads must divide dim"
+        self.heads = heads
+        self.causal = causal
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        batch, seq, dim = x.shape
+        seq_kv = context.shape[1]
+        # Split the features into heads: (batch, seq, dim) -> (batch, heads, seq, head_dim).
+        q = self.q_proj(x).view(batch, seq, self.heads, -1).transpose(1, 2)
+        k = self.k_proj(context).view(batch, seq_kv, self.heads, -1).transpose(1, 2)
+        v = self.v_proj(context).view(batch, seq_kv, self.heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
+        )
+        y = y.transpose(1, 2).reshape(batch, seq, dim)  # the heads side by side again
+        return self.out_proj(y)
+''',
+    "position_embedding": '''
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions: adds weight[t] to position t of a [batch, seq, dim] input."""
+
+    def __init__(self, max_positions: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(max_positions, dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight[: x.shape[1]]
+''',
+    "sinusoidal_position": '''
+class SinusoidalPosition(nn.Module):
+    """Fixed sine/cosine positions (Vaswani et al., 2017) added to a [batch, seq, dim] input:
+    pe[t, 2i] = sin(t / base^(2i/dim)), pe[t, 2i+1] = cos(t / base^(2i/dim))."""
+
+    def __init__(self, dim: int, max_positions: int = 4096, base: float = 10000.0) -> None:
+        super().__init__()
+        t = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1)
+        angle = t / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        pe = torch.zeros(max_positions, dim, dtype=torch.float64)
+        pe[:, 0::2] = torch.sin(angle)
+        pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
+        self.register_buffer("pe", pe.float(), persistent=False)  # a constant: not in state_dict()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pe[: x.shape[1]]
+''',
+}
 
 _RESERVED = {"self", "torch", "nn", "F", "x"}
 
@@ -178,6 +261,16 @@ def _container(tree: dict, indent: str) -> str:
     return f"nn.ModuleDict({{\n{body}{indent}}})"
 
 
+def _tied_call(node: Node, x: list[str]) -> str:
+    """A layer that shares another layer's weight calls it functionally, so the shared
+    tensor appears once in state_dict (as the IR names it)."""
+    if node.op != "linear" or node.attrs.bias:
+        raise SpecError("the PyTorch backend ties weights of bias-free linear layers only", node.origin,
+                        hint="set `bias: false` on the tied layer")
+    owner, attr = node.params["weight"].rsplit(".", 1)
+    return f"F.linear({x[0]}, {_access(owner)}.{attr})  # weight tied to {node.params['weight']}"
+
+
 def _access(name: str) -> str:
     """`self.layer1[0].conv1` for the submodule of a scoped layer name."""
     first, *rest = name.split(".")
@@ -203,6 +296,8 @@ def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_versio
         if node.op not in EMITTERS:
             raise SpecError(f"the PyTorch backend cannot emit op '{node.op}'", node.origin)
         module, expr = EMITTERS[node.op](node, [var[id(v)] for v in node.inputs])
+        if any(full != f"{node.name}.{local}" for local, full in node.params.items()):
+            module, expr = None, _tied_call(node, [var[id(v)] for v in node.inputs])
         if module is not None:
             top = node.name.split(".")[0]
             if top in module_attrs:

@@ -132,6 +132,45 @@ def _add(L, n, x, p):
     return acc
 
 
+def _add_positions(L, n, x, table):
+    """x + table[:seq] with a symbolic seq: take(table, arange(seq)) has the static shape
+    [seq, dim] (a strided_slice gives min(seq, rows), and match_cast makes FuseTIR crash in
+    TVM 0.27). mode="clip" keeps a seq beyond max_positions memory-safe (the last row repeats);
+    PyTorch and ONNX Runtime raise there instead."""
+    R = _R()
+    positions = R.arange(0, L.prim(n.inputs[0].type.shape[1]), 1, "int64")
+    return L.emit(R.add(x[0], L.emit(R.take(table, positions, axis=0, mode="clip"))))
+
+
+def _sinusoidal_position(L, n, x, p):
+    from tvm import relax
+
+    from lbdlc.ops.attention import sinusoidal_table
+
+    a = n.attrs
+    return _add_positions(L, n, x, relax.const(sinusoidal_table(a.max_positions, a.embedding_dim, a.base)))
+
+
+def _attention(L, n, x, p):
+    """Projections with R.linear, then R.nn.attention on [batch, seq, heads, head_dim]
+    (legalized for any target; causal is its top-left-aligned mask), heads merged, out_proj."""
+    R, a = _R(), n.attrs
+    heads, head_dim = a.heads, a.embed_dim // a.heads
+    batch, seq = (L.prim(d) for d in n.inputs[0].type.shape[:2])
+    seq_kv = L.prim(n.inputs[-1].type.shape[1])
+
+    def project(proj, src, length):
+        y = L.emit(R.linear(src, p[f"{proj}.weight"], p.get(f"{proj}.bias")))
+        return L.emit(R.reshape(y, [batch, length, heads, head_dim]))
+
+    q = project("q_proj", x[0], seq)
+    k = project("k_proj", x[-1], seq_kv)
+    v = project("v_proj", x[-1], seq_kv)
+    y = L.emit(R.nn.attention(q, k, v, causal_mask="TopLeft" if a.causal else None))
+    y = L.emit(R.reshape(y, [batch, seq, a.embed_dim]))
+    return L.emit(R.linear(y, p["out_proj.weight"], p.get("out_proj.bias")))
+
+
 EMITTERS: dict[str, Emitter] = {
     "linear": _linear,
     "conv2d": _conv2d,
@@ -151,6 +190,11 @@ EMITTERS: dict[str, Emitter] = {
     "reshape": _reshape_to_output,
     "add": _add,
     "concat": lambda L, n, x, p: L.emit(_R().concat(x, axis=axis(n.attrs.dim, n.inputs[0].type.rank))),
+    # mode="clip": an id outside the vocabulary reads the nearest row instead of crashing the process
+    "embedding": lambda L, n, x, p: L.emit(_R().take(p["weight"], x[0], axis=0, mode="clip")),
+    "position_embedding": lambda L, n, x, p: _add_positions(L, n, x, p["weight"]),
+    "sinusoidal_position": _sinusoidal_position,
+    "attention": _attention,
 }
 
 
