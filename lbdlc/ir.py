@@ -25,14 +25,14 @@ def as_dim(value) -> Dim:
     """Normalise a dimension: plain ints stay ints, integer-valued expressions become ints."""
     if isinstance(value, int):
         return value
-    value = sympy.simplify(value)
+    value = sympy.sympify(value)  # sympy keeps sums and products canonical; no simplify() needed
     return int(value) if value.is_Integer else value
 
 
 def dim_eq(a: Dim, b: Dim) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
 
 
 def dim_str(d: Dim) -> str:

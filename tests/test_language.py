@@ -274,3 +274,31 @@ def test_tying_shape_mismatch(cli, write_spec):
 def test_tying_unknown_parameter(cli, write_spec):
     path = write_spec(TIED.replace("tie: {weight: enc.weight}", "tie: {weight: enc.wieght}"))
     assert "did you mean 'enc.weight'?" in error_at(cli, path, 7, "enc.wieght")
+
+
+NESTED = """\
+lbdlc: 1
+inputs:
+  x: {shape: [batch, 6]}
+blocks:
+  inner:
+    params: {n: int}
+    layers:
+      - {name: fc, op: linear, out_features: "${n}"}
+  outer:
+    params: {n: int}
+    layers:
+      - {name: a, op: inner, n: "${n * 2}"}
+      - {name: b, op: inner, n: "${n}", repeat: 2}
+layers:
+  - {name: top, op: outer, n: 3}
+"""
+
+
+def test_blocks_nest_with_their_own_scopes(write_spec):
+    params, graph = params_of(write_spec(NESTED))
+    assert params == {
+        "top.a.fc.weight": (6, 6), "top.a.fc.bias": (6,),
+        "top.b.0.fc.weight": (3, 6), "top.b.0.fc.bias": (3,),
+        "top.b.1.fc.weight": (3, 3), "top.b.1.fc.bias": (3,),
+    }
