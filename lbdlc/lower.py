@@ -14,6 +14,7 @@ from . import ops
 from .errors import Note, SpecError, SpecErrors, did_you_mean
 from .ir import Graph, Node, Param, TensorType, Value, as_dim, symbol
 from .source import Loc, LocDict, loc_of
+from .ops.rules import check_input_kind
 from .spec import attrs_of, parse_spec, trail_notes
 
 
@@ -74,6 +75,8 @@ def lower(loaded: Loaded, strict: bool = False) -> Graph:
         _check_arity(op, in_values, raw, path)
         in_types = [v.type for v in in_values]
         try:
+            for t in in_types:
+                check_input_kind(op.name, op.input_kind, t)
             attrs = op.resolve(attrs_of(layer), in_types)
             out_types = op.infer(attrs, in_types)
             param_defs = op.params(attrs, in_types)

@@ -174,3 +174,10 @@ def test_missing_file(cli, tmp_path):
 def test_not_a_mapping(cli, write_spec, text):
     err = check_fails(cli, write_spec(text))
     assert "error:" in err
+
+
+def test_integer_input_into_a_float_op(cli, write_spec):
+    path = write_spec(MLP.replace("x: {shape: [batch, 50]}", "x: {shape: [batch, 50], dtype: int64}"))
+    err = check_fails(cli, path)
+    assert "linear takes floating-point tensors, got [batch, 50] int64" in located(err, path, 5, "linear")
+    assert "op: embedding" in err

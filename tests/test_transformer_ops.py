@@ -190,7 +190,7 @@ def test_attention_takes_at_most_two_inputs(cli, write_spec):
 def test_embedding_needs_integer_ids(cli, write_spec):
     path = write_spec(TOKENS.replace("dtype: int64", "dtype: float32").replace("  memory: {shape: [batch, mem, 8]}\n", ""))
     err = check_fails(cli, path)
-    assert "embedding expects integer token ids, got a float32 tensor" in located(err, path, 5, "embedding")
+    assert "embedding takes integer ids, got [batch, seq] float32" in located(err, path, 5, "embedding")
     assert "hint: declare the input with `dtype: int64`" in err
 
 

@@ -37,6 +37,8 @@ class Op:
     Attrs: ClassVar[type[OpAttrs]] = OpAttrs
     # Number of inputs: exact int, or (min, max) with max None for "any number".
     arity: ClassVar[int | tuple[int, int | None]] = 1
+    # What its inputs hold: "float" tensors (most ops) or "int" ids (embedding lookups).
+    input_kind: ClassVar[str] = "float"
     flops_per_element: ClassVar[int] = 0
 
     @property

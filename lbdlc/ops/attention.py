@@ -13,15 +13,6 @@ from . import Op, OpAttrs, ShapeError, register
 from .linear import uniform_fan_in
 from .rules import check_declared, expect_rank
 
-INT_DTYPES = ("int64", "int32")
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _expect_float(x: TensorType, what: str) -> None:
-    if x.dtype not in FLOAT_DTYPES:
-        raise ShapeError(f"{what} expects a floating-point input, got {x} {x.dtype}")
-
-
 def sinusoidal_table(max_positions: int, dim: int, base: float = 10000.0) -> np.ndarray:
     """pe[t, 2i] = sin(t / base^(2i/dim)), pe[t, 2i+1] = cos(t / base^(2i/dim)), as float32.
 
@@ -41,19 +32,11 @@ class Embedding(Op):
     """Token lookup table: integer ids [*] -> vectors [*, embedding_dim] (nn.Embedding)."""
 
     name = "embedding"
+    input_kind = "int"
 
     class Attrs(OpAttrs):
         num_embeddings: PositiveInt  # vocabulary size; ids must lie in [0, num_embeddings)
         embedding_dim: PositiveInt
-
-    def resolve(self, a, ins):
-        x = ins[0]
-        if x.dtype not in INT_DTYPES:
-            raise ShapeError(
-                f"embedding expects integer token ids, got a {x.dtype} tensor {x}",
-                hint="declare the input with `dtype: int64`",
-            )
-        return a
 
     def infer(self, a, ins):
         return [TensorType(ins[0].shape + (a.embedding_dim,), "float32")]
@@ -73,7 +56,6 @@ class _Positions(Op):
     def resolve(self, a, ins):
         x = ins[0]
         expect_rank(x, (3,), self.name)
-        _expect_float(x, self.name)
         dim = check_declared(a.embedding_dim, x, -1, "embedding_dim")
         seq = x.shape[1]
         if isinstance(seq, int) and seq > a.max_positions:
@@ -134,7 +116,6 @@ class Attention(Op):
     def resolve(self, a, ins):
         q = ins[0]
         expect_rank(q, (3,), "attention")
-        _expect_float(q, "attention")
         dim = check_declared(a.embed_dim, q, -1, "embed_dim")
         if dim % a.heads:
             fits = [h for h in range(1, dim + 1) if dim % h == 0]
@@ -146,7 +127,6 @@ class Attention(Op):
         if len(ins) == 2:
             kv = ins[1]
             expect_rank(kv, (3,), "attention's key/value input")
-            _expect_float(kv, "attention")
             if not dim_eq(kv.shape[-1], dim):
                 raise ShapeError(f"the key/value source {kv} must have the query's feature size {dim} in its last dim (query {q})")
             if not dim_eq(kv.shape[0], q.shape[0]):

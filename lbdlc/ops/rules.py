@@ -7,6 +7,19 @@ from ..ir import Dim, TensorType, as_dim, dim_eq
 from . import ShapeError
 
 
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INT_DTYPES = ("int64", "int32")
+
+
+def check_input_kind(op_name: str, kind: str, t: TensorType) -> None:
+    wanted = FLOAT_DTYPES if kind == "float" else INT_DTYPES
+    if t.dtype not in wanted:
+        if kind == "float":
+            raise ShapeError(f"{op_name} takes floating-point tensors, got {t} {t.dtype}",
+                             hint="integer ids become vectors through `op: embedding` first")
+        raise ShapeError(f"{op_name} takes integer ids, got {t} {t.dtype}", hint="declare the input with `dtype: int64`")
+
+
 def pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
