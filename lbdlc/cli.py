@@ -103,14 +103,16 @@ def build(
     ),
     overrides: list[str] = SetOpt,
     strict: bool = StrictOpt,
+    max_memory: Optional[str] = typer.Option(None, help="Refuse builds predicted to need more memory (e.g. 24GiB); default half the RAM."),
 ) -> None:
     """Compile a spec: model.py, weights.safetensors, model.onnx, a TVM library and manifest.json."""
-    from .driver import BuildOptions, build as run_build
+    from .driver import BuildOptions, build as run_build, parse_size
     from .lower import load
 
     try:
+        limit = parse_size(max_memory) if max_memory else None
         out_dir = output or Path("out") / load(spec, overrides).name
-        options = BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend), overrides=tuple(overrides), strict=strict)
+        options = BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend), overrides=tuple(overrides), strict=strict, max_memory=limit)
         result = run_build(spec, out_dir, options)
     except (SpecError, SpecErrors) as exc:
         _fail(exc)

@@ -29,6 +29,7 @@ class BuildOptions:
     opset: int = 20
     backends: tuple[str, ...] = BACKENDS
     overrides: tuple[str, ...] = ()  # --set PATH=VALUE
+    max_memory: int | None = None  # bytes a build may use; default half the machine's RAM
     strict: bool = False  # warnings (unused inputs or layers) become errors
 
 
@@ -74,6 +75,7 @@ def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         raise SpecError(f"unknown backend '{unknown[0]}'", hint=f"choose from {', '.join(BACKENDS)}")
     loaded = load(spec_path, options.overrides)
     graph = lower(loaded, options.strict)
+    _check_memory(loaded, graph, options.max_memory)
     weights = load_checked(graph, options.weights) if options.weights else initialize(graph, options.seed)
 
     out_dir = Path(out_dir)
@@ -89,6 +91,49 @@ def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         raise
     artifacts = [out_dir / p.name for p in artifacts] + [out_dir / "manifest.json"]
     return BuildResult(out_dir, graph, manifest, artifacts, loaded.warnings)
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+# A build holds the weights about three times at its peak: the tensors, the ONNX protobuf,
+# and the serialised safetensors buffer.
+BUILD_COPIES = 3
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '500MB', '2e9' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgtib")
+    unit = t[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise SpecError(f"'{text}' is not a size", hint="e.g. 24GiB, 500MB or a number of bytes") from None
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _check_memory(loaded: Loaded, graph: Graph, limit: int | None) -> None:
+    import os
+
+    weights = sum(p.numel * DTYPE_BYTES[p.dtype] for p in graph.params.values())
+    needed = BUILD_COPIES * weights
+    if limit is None:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    if needed > limit:
+        params = sum(p.numel for p in graph.params.values() if not p.buffer)
+        raise SpecError(
+            f"building {graph.name} needs about {human_size(needed)} of memory for its {params:,} parameters "
+            f"({human_size(weights)} of weights), over the limit of {human_size(limit)}",
+            hint="`lbdlc check` analyses it without allocating anything; --max-memory raises the limit",
+        )
 
 
 def _write_artifacts(loaded: Loaded, graph: Graph, weights: dict, tmp: Path, options: BuildOptions) -> list[Path]:

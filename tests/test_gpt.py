@@ -56,3 +56,24 @@ def test_generated_gpt_ties_the_head(tiny_gpt):
     source = (tiny_gpt / "model.py").read_text()
     assert "F.linear(x, self.wte.weight)" in source
     assert "class MultiHeadAttention(nn.Module)" in source
+
+
+def test_gpt3_is_checked_without_allocating(cli, monkeypatch):
+    import lbdlc.weights
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("check must not allocate weights")
+
+    monkeypatch.setattr(lbdlc.weights, "initialize", no_allocation)
+    code, out, err = cli("check", SPECS / "gpt3.yaml", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["params"] == 174_604_259_328  # BOOK.md, derived; "175B"
+    assert next(layer for layer in r["layers"] if layer["name"] == "h.95.mlp.c_fc")["output_shape"] == ["batch", "seq", 49_152]
+
+
+def test_gpt3_build_is_refused_with_the_memory_it_needs(cli, tmp_path):
+    code, _, err = cli("build", SPECS / "gpt3.yaml", "-o", tmp_path / "gpt3")
+    assert code == 2
+    assert "building gpt3 needs about 1.9 TiB of memory for its 174,604,259,328 parameters (650.5 GiB of weights)" in err
+    assert "--max-memory" in err and not (tmp_path / "gpt3").exists()
