@@ -220,7 +220,10 @@ def test_show_round_trips_every_spec_to_identical_onnx(cli, tmp_path):
         flat.write_text(shown)
         if spec.stem == "gpt3":  # check-only: too large to build; the analysis must agree
             reports = [json.loads(cli("check", p, "--json")[1]) for p in (spec, flat)]
-            assert reports[0]["params"] == reports[1]["params"] and reports[0]["layers"] == reports[1]["layers"]
+            for report in reports:  # lines differ: the resolved file has its own
+                for layer in report["layers"]:
+                    del layer["line"]
+            assert reports[0] == reports[1]
             continue
         a = build(spec, tmp_path / spec.stem / "a", BuildOptions(backends=("onnx",)))
         b = build(flat, tmp_path / spec.stem / "b", BuildOptions(backends=("onnx",)))
