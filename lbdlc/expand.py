@@ -11,7 +11,8 @@ Scoping rules:
   enclosing scope; a block sees only its inputs and its own layers. `a.b` reaches into a
   scope (`stage2.conv1`, `encoder.memory`); a repeated item's name means its last repetition.
 - Without `in`, a layer reads the previous item of its scope (the first one reads the
-  scope's input). A repeated item chains its repetitions; `in` applies to the first.
+  scope's input). A repeated item chains its repetitions: each gets the previous one's
+  output as its first input and the same other inputs (a decoder stack's memory).
 """
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ class Expander:
         out: dict = {}
         raw_vars = self.raw.get("vars") or LocDict()
         for name in raw_vars:
+            if name in SourceSpec.model_fields:
+                raise SpecError(f"the variable '{name}' has the name of a top-level key", raw_vars.key_locs[name],
+                                hint=f"`--set {name}=...` would mean the key; rename the variable, e.g. n_{name}")
             out[name] = self.value(raw_vars[name], out, raw_vars.value_locs[name])
         return out
 
@@ -171,7 +175,7 @@ class Expander:
         for k in range(count):
             out = self._expand_one(item, loc, repeated, str(k), current, {**names, "i": k},
                                    trail + [Note(f"in repetition {k} of '{scope.prefix}{name}'", _at(item, "repeat", loc))])
-            current = [out]
+            current = [out] + list(inputs[1:])  # later inputs (a decoder's memory) stay the same
         entry.output = current[0]
         return current[0]
 

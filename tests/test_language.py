@@ -309,3 +309,8 @@ def test_blocks_nest_with_their_own_scopes(write_spec):
         "top.b.0.fc.weight": (3, 6), "top.b.0.fc.bias": (3,),
         "top.b.1.fc.weight": (3, 3), "top.b.1.fc.bias": (3,),
     }
+
+
+def test_variable_named_like_a_top_level_key(cli, write_spec):
+    path = write_spec(BLOCKS.replace("  d: 8\n", "  d: 8\n  layers: 3\n"))
+    assert "the variable 'layers' has the name of a top-level key" in error_at(cli, path, 4, "layers")
