@@ -181,10 +181,8 @@ class Expander:
 
     def _expand_one(self, item: LocDict, loc: Loc, scope: Scope, name: str, inputs: list, names: dict, trail: list[Note]):
         if "when" in item and not self._included(item, names, trail):
-            # A skipped item passes its input through: `in: [bn3, downsample]` then reads
-            # what `downsample` would have read.
-            if len(inputs) != 1:
-                raise SpecError("a layer skipped by `when` must have exactly one input", item.value_locs["when"])
+            # A skipped item passes its (first) input through: `in: [bn3, downsample]` then
+            # reads what `downsample` would have read; a skipped `add` of [y, x] leaves y.
             scope.entries[name] = Entry(output=inputs[0])
             return inputs[0]
         op = item.get("op")

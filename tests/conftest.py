@@ -46,3 +46,26 @@ def located(stderr: str, path, line: int, needle: str) -> str:
     assert caret.index("^") == len(f"{line:>4} | ") + col - 1, stderr
     assert "Traceback" not in stderr
     return lines[0]
+
+
+def perturbed_weights(spec, overrides=(), seed: int = 3) -> dict:
+    """Seeded initial weights with normalisation layers moved far from the identity
+    (scales and running variances in [0.5, 1.5), shifts and means ~0.1), so that a parity
+    test really exercises them; the other weights keep their fan-in scaling."""
+    import torch
+
+    from lbdlc.lower import load, lower
+    from lbdlc.weights import initialize
+
+    graph = lower(load(spec, list(overrides)))
+    weights = initialize(graph, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    norms = {p for n in graph.nodes if n.op.endswith("_norm") for p in n.params.values()}
+    for name, tensor in weights.items():
+        if name not in norms or tensor.dtype != torch.float32:
+            continue
+        if name.endswith(("weight", "running_var")):
+            weights[name] = torch.rand(tensor.shape, generator=gen) + 0.5
+        else:
+            weights[name] = 0.1 * torch.randn(tensor.shape, generator=gen)
+    return weights

@@ -1,14 +1,13 @@
 """ResNet-50 written with one bottleneck block and repeats: torchvision's count, and parity."""
 import json
 
-import torch
 from safetensors.torch import save_file
 
 from lbdlc.driver import BuildOptions, build
 from lbdlc.lower import load, lower
-from lbdlc.verify import compare, random_inputs
+from lbdlc.verify import compare, random_inputs, run_pytorch
 
-from conftest import SPECS
+from conftest import SPECS, perturbed_weights
 
 SMALL = ("inputs.image.shape=[batch, 3, 64, 64]", "classes=10")
 
@@ -38,21 +37,9 @@ def test_resnet50_parameter_names_follow_torchvision():
 
 
 def test_resnet50_backends_agree(tmp_path):
-    graph = lower(load(SPECS / "resnet50.yaml", list(SMALL)))
-    from lbdlc.weights import initialize
-
-    weights = initialize(graph, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    for name, tensor in weights.items():  # BatchNorm far from identity, so it is really tested
-        if name.endswith(("bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight", "running_var")):
-            weights[name] = torch.rand(tensor.shape, generator=gen) + 0.5
-        elif name.endswith(("running_mean", ".bias")) and tensor.dtype == torch.float32:
-            weights[name] = 0.1 * torch.randn(tensor.shape, generator=gen)
-    save_file(weights, str(tmp_path / "w.safetensors"))
+    save_file(perturbed_weights(SPECS / "resnet50.yaml", SMALL), str(tmp_path / "w.safetensors"))
     out = build(SPECS / "resnet50.yaml", tmp_path / "out", BuildOptions(weights=tmp_path / "w.safetensors", overrides=SMALL)).out_dir
     inputs = random_inputs(out, {"batch": 2})
     agreement = compare(out, inputs)
-    from lbdlc.verify import run_pytorch
-
     scale = max(1.0, float(abs(run_pytorch(out, inputs)[0]).max()))
     assert all(d <= 1e-4 * scale for d in agreement.max_abs_diff.values()), (agreement, scale)
