@@ -66,6 +66,10 @@ def json_schema() -> dict:
         "required": ["shape"],
         "additionalProperties": False,
     }
+    # A spec that extends another may leave inputs and layers to its base.
+    root["required"] = [k for k in root.get("required", []) if k not in ("inputs", "layers")]
+    root["if"] = {"not": {"required": ["extends"]}}
+    root["then"] = {"required": ["inputs", "layers"]}
     root["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     root["title"] = "lbdlc spec"
     root["$defs"] = defs
