@@ -232,7 +232,120 @@ def _attention(e, n, x, out):
     _project(e, n, "out_proj", y, out)
 
 
+def _conv1d(e, n, x, out):
+    a = n.attrs
+    inputs = [x[0], n.params["weight"]] + ([n.params["bias"]] if "bias" in n.params else [])
+    e.add(
+        "Conv", inputs, out, n.name,
+        kernel_shape=[a.kernel_size], strides=[a.stride], pads=[a.padding, a.padding], dilations=[a.dilation], group=a.groups,
+    )
+
+
+def _conv_transpose(e, n, x, out):
+    """ConvTranspose: the same output size as PyTorch's, with pads on both ends and output_padding at the end."""
+    a = n.attrs
+    one = n.inputs[0].type.rank == 3
+    dims = (lambda v: [v]) if one else (lambda v: list(pair(v)))
+    pads = dims(a.padding)
+    inputs = [x[0], n.params["weight"]] + ([n.params["bias"]] if "bias" in n.params else [])
+    e.add(
+        "ConvTranspose", inputs, out, n.name,
+        kernel_shape=dims(a.kernel_size), strides=dims(a.stride), pads=pads + pads,
+        output_padding=dims(a.output_padding), dilations=dims(a.dilation), group=a.groups,
+    )
+
+
+def _pool1d(op_type: str, **fixed) -> Emitter:
+    def emit(e, n, x, out):
+        a = n.attrs
+        stride = a.stride if a.stride is not None else a.kernel_size
+        e.add(op_type, x[:1], out, n.name, kernel_shape=[a.kernel_size], strides=[stride], pads=[a.padding, a.padding], **fixed)
+
+    return emit
+
+
+def _upsample(e, n, x, out):
+    """Resize over axes 2 and 3. nearest: asymmetric coordinates, floor (PyTorch's 'nearest');
+    bilinear: half_pixel (align_corners=False) or align_corners."""
+    a, s = n.attrs, n.name
+    if a.size is not None:
+        inputs = [x[0], "", "", e.const(s, "sizes", np.array(a.size, np.int64))]
+    else:
+        inputs = [x[0], "", e.const(s, "scales", np.array(pair(a.scale_factor), np.float32))]
+    if a.mode == "nearest":
+        modes = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    else:
+        modes = {"mode": "linear", "coordinate_transformation_mode": "align_corners" if a.align_corners else "half_pixel"}
+    e.add("Resize", inputs, out, s, axes=[2, 3], **modes)
+
+
+def _channel_affine(e, n, y, out, rank):
+    """y · weight + bias with [C] parameters broadcast over [N, C, *]."""
+    s, c = n.name, n.inputs[0].type.shape[1]
+    shape = e.const(s, "channel_shape", np.array([c] + [1] * (rank - 2), np.int64))
+    w = e.add("Reshape", [n.params["weight"], shape], e.temp(s, "weight_c"), s)
+    b = e.add("Reshape", [n.params["bias"], shape], e.temp(s, "bias_c"), s)
+    e.add("Add", [e.add("Mul", [y, w], e.temp(s, "scaled"), s), b], out, s)
+
+
+def _group_norm(e, n, x, out):
+    """Opset 21+: GroupNormalization with per-channel scale and bias. Below (opset 18's
+    GroupNormalization takes per-group scale and bias, and was deprecated for it): the
+    channels reshaped to [N, G, -1], InstanceNormalization per group, reshaped back, and
+    the per-channel affine map."""
+    a, s = n.attrs, n.name
+    c, g, rank = a.num_channels, a.num_groups, n.inputs[0].type.rank
+    if e.opset >= 21:
+        scale = n.params["weight"] if a.affine else e.const(s, "ones", np.ones(c, np.float32))
+        bias = n.params["bias"] if a.affine else e.const(s, "zeros", np.zeros(c, np.float32))
+        e.add("GroupNormalization", [x[0], scale, bias], out, s, num_groups=g, epsilon=a.eps)
+        return
+    grouped = e.add("Reshape", [x[0], e.const(s, "groups", np.array([0, g, -1], np.int64))], e.temp(s, "grouped"), s)
+    ones, zeros = e.const(s, "ones", np.ones(g, np.float32)), e.const(s, "zeros", np.zeros(g, np.float32))
+    normed = e.add("InstanceNormalization", [grouped, ones, zeros], e.temp(s, "normed"), s, epsilon=a.eps)
+    shape = e.add("Shape", [x[0]], e.temp(s, "shape"), s)
+    if not a.affine:
+        e.add("Reshape", [normed, shape], out, s)
+        return
+    _channel_affine(e, n, e.add("Reshape", [normed, shape], e.temp(s, "ungrouped"), s), out, rank)
+
+
+def _instance_norm(e, n, x, out):
+    a, s = n.attrs, n.name
+    scale = n.params["weight"] if a.affine else e.const(s, "ones", np.ones(a.num_features, np.float32))
+    bias = n.params["bias"] if a.affine else e.const(s, "zeros", np.zeros(a.num_features, np.float32))
+    e.add("InstanceNormalization", [x[0], scale, bias], out, s, epsilon=a.eps)
+
+
+def _rms_norm(e, n, x, out):
+    """Opset 23: RMSNormalization. Below: x / sqrt(mean(x·x, last dim) + eps) · weight."""
+    a, s = n.attrs, n.name
+    weight = n.params.get("weight")
+    if e.opset >= 23:
+        scale = weight or e.const(s, "ones", np.ones(a.normalized_shape, np.float32))
+        e.add("RMSNormalization", [x[0], scale], out, s, axis=-1, epsilon=a.eps)
+        return
+    square = e.add("Mul", [x[0], x[0]], e.temp(s, "square"), s)
+    mean = e.add("ReduceMean", [square, e.const(s, "axes", np.array([-1], np.int64))], e.temp(s, "mean_square"), s, keepdims=1)
+    shifted = e.add("Add", [mean, e.const(s, "eps", np.array(a.eps, np.float32))], e.temp(s, "plus_eps"), s)
+    rms = e.add("Sqrt", [shifted], e.temp(s, "rms"), s)
+    if weight is None:
+        e.add("Div", [x[0], rms], out, s)
+        return
+    e.add("Mul", [e.add("Div", [x[0], rms], e.temp(s, "normed"), s), weight], out, s)
+
+
 EMITTERS: dict[str, Emitter] = {
+    "conv1d": _conv1d,
+    "conv_transpose1d": _conv_transpose,
+    "conv_transpose2d": _conv_transpose,
+    "upsample": _upsample,
+    "max_pool1d": _pool1d("MaxPool"),
+    "avg_pool1d": _pool1d("AveragePool", count_include_pad=1),
+    "group_norm": _group_norm,
+    "instance_norm": _instance_norm,
+    "rms_norm": _rms_norm,
+    "relu6": lambda e, n, x, out: e.add("Clip", [x[0], e.const(n.name, "min", np.array(0, np.float32)), e.const(n.name, "max", np.array(6, np.float32))], out, n.name),
     "linear": _linear,
     "conv2d": _conv2d,
     "max_pool2d": _pool("MaxPool"),

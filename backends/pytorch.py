@@ -104,7 +104,80 @@ def _sinusoidal_position(n, x):
     return f"SinusoidalPosition({args})", f"{{self}}({x[0]})"
 
 
+def _conv1d(n, x):
+    a = n.attrs
+    args = _args(
+        a.in_channels,
+        a.out_channels,
+        kernel_size=(a.kernel_size, None),
+        stride=(a.stride, 1),
+        padding=(a.padding, 0),
+        dilation=(a.dilation, 1),
+        groups=(a.groups, 1),
+        bias=(a.bias, True),
+    )
+    return f"nn.Conv1d({args})", f"{{self}}({x[0]})"
+
+
+def _conv_transpose(kind):
+    def emit(n, x):
+        a = n.attrs
+        args = _args(
+            a.in_channels,
+            a.out_channels,
+            kernel_size=(_size(a.kernel_size), None),
+            stride=(_size(a.stride), 1),
+            padding=(_size(a.padding), 0),
+            output_padding=(_size(a.output_padding), 0),
+            groups=(a.groups, 1),
+            bias=(a.bias, True),
+            dilation=(_size(a.dilation), 1),
+        )
+        return f"nn.{kind}({args})", f"{{self}}({x[0]})"
+
+    return emit
+
+
+def _upsample(n, x):
+    a = n.attrs
+    if a.size is not None:
+        target = f"size={tuple(a.size)!r}"
+    else:
+        sh, sw = pair(a.scale_factor)
+        target = f"scale_factor={float(sh)!r}" if sh == sw else f"scale_factor={(float(sh), float(sw))!r}"
+    corners = f", align_corners={a.align_corners!r}" if a.mode == "bilinear" else ""
+    return None, f"F.interpolate({x[0]}, {target}, mode={a.mode!r}{corners})"
+
+
+def _group_norm(n, x):
+    a = n.attrs
+    return f"nn.GroupNorm({_args(a.num_groups, a.num_channels, eps=(a.eps, 1e-5), affine=(a.affine, True))})", f"{{self}}({x[0]})"
+
+
+def _instance_norm(n, x):
+    a = n.attrs
+    kind = "InstanceNorm2d" if n.inputs[0].type.rank == 4 else "InstanceNorm1d"
+    return f"nn.{kind}({_args(a.num_features, eps=(a.eps, 1e-5), affine=(a.affine, False))})", f"{{self}}({x[0]})"
+
+
+def _rms_norm(n, x):
+    a = n.attrs
+    # eps always written out: nn.RMSNorm's default (None) means torch.finfo(dtype).eps.
+    args = _args(a.normalized_shape, eps=(a.eps, None), elementwise_affine=(a.elementwise_affine, True))
+    return f"nn.RMSNorm({args})", f"{{self}}({x[0]})"
+
+
 EMITTERS: dict[str, Emitter] = {
+    "conv1d": _conv1d,
+    "conv_transpose1d": _conv_transpose("ConvTranspose1d"),
+    "conv_transpose2d": _conv_transpose("ConvTranspose2d"),
+    "upsample": _upsample,
+    "max_pool1d": _pool("max_pool1d"),
+    "avg_pool1d": _pool("avg_pool1d"),
+    "group_norm": _group_norm,
+    "instance_norm": _instance_norm,
+    "rms_norm": _rms_norm,
+    "relu6": lambda n, x: (None, f"F.relu6({x[0]})"),
     "linear": _linear,
     "conv2d": _conv2d,
     "max_pool2d": _pool("max_pool2d"),

@@ -171,7 +171,102 @@ def _attention(L, n, x, p):
     return L.emit(R.linear(y, p["out_proj.weight"], p.get("out_proj.bias")))
 
 
+def _add_channel_bias(L, y, p, channels: int, rank: int):
+    if "bias" not in p:
+        return y
+    return L.emit(_R().add(y, _R().reshape(p["bias"], (1, channels) + (1,) * (rank - 2))))
+
+
+def _conv1d(L, n, x, p):
+    R, a = _R(), n.attrs
+    y = L.emit(
+        R.nn.conv1d(
+            x[0], p["weight"], strides=a.stride, padding=(a.padding, a.padding),
+            dilation=a.dilation, groups=a.groups, data_layout="NCW", kernel_layout="OIW",
+        )
+    )
+    return _add_channel_bias(L, y, p, a.out_channels, 3)
+
+
+def _conv_transpose(L, n, x, p):
+    """Weights in PyTorch's layout, [in, out/groups, k...] = IOW / IOHW; TVM legalizes a
+    dilation by dilating the kernel."""
+    R, a = _R(), n.attrs
+    if n.inputs[0].type.rank == 3:
+        y = R.nn.conv1d_transpose(
+            x[0], p["weight"], strides=a.stride, padding=(a.padding, a.padding), output_padding=a.output_padding,
+            dilation=a.dilation, groups=a.groups, data_layout="NCW", kernel_layout="IOW",
+        )
+    else:
+        ph, pw = pair(a.padding)
+        y = R.nn.conv2d_transpose(
+            x[0], p["weight"], strides=pair(a.stride), padding=(ph, pw, ph, pw), output_padding=pair(a.output_padding),
+            dilation=pair(a.dilation), groups=a.groups, data_layout="NCHW", kernel_layout="IOHW",
+        )
+    return _add_channel_bias(L, L.emit(y), p, a.out_channels, n.inputs[0].type.rank)
+
+
+def _pool1d(kind: str, **fixed) -> Emitter:
+    def emit(L, n, x, p):
+        a = n.attrs
+        stride = a.stride if a.stride is not None else a.kernel_size
+        fn = getattr(_R().nn, kind)
+        return L.emit(fn(x[0], pool_size=(a.kernel_size,), strides=(stride,), padding=(a.padding, a.padding), layout="NCW", **fixed))
+
+    return emit
+
+
+def _upsample(L, n, x, p):
+    """resize2d to the output size: nearest = asymmetric + floor (PyTorch's 'nearest');
+    bilinear = half_pixel, or align_corners."""
+    a = n.attrs
+    size = [L.prim(d) for d in n.outputs[0].type.shape[2:]]
+    if a.mode == "nearest":
+        modes = {"method": "nearest_neighbor", "coordinate_transformation_mode": "asymmetric", "rounding_method": "floor"}
+    else:
+        modes = {"method": "linear", "coordinate_transformation_mode": "align_corners" if a.align_corners else "half_pixel"}
+    return L.emit(_R().image.resize2d(x[0], size, layout="NCHW", **modes))
+
+
+def _channel_gamma_beta(p, channels: int):
+    from tvm import relax
+
+    gamma = p.get("weight", relax.const(np.ones(channels, np.float32)))
+    beta = p.get("bias", relax.const(np.zeros(channels, np.float32)))
+    return gamma, beta
+
+
+def _group_norm(L, n, x, p):
+    a, rank = n.attrs, n.inputs[0].type.rank
+    gamma, beta = _channel_gamma_beta(p, a.num_channels)
+    return L.emit(_R().nn.group_norm(x[0], gamma, beta, num_groups=a.num_groups, channel_axis=1, axes=list(range(2, rank)), epsilon=a.eps))
+
+
+def _instance_norm(L, n, x, p):
+    a, rank = n.attrs, n.inputs[0].type.rank
+    gamma, beta = _channel_gamma_beta(p, a.num_features)
+    return L.emit(_R().nn.instance_norm(x[0], gamma, beta, channel_axis=1, axes=list(range(2, rank)), epsilon=a.eps))
+
+
+def _rms_norm(L, n, x, p):
+    from tvm import relax
+
+    a = n.attrs
+    weight = p.get("weight", relax.const(np.ones(a.normalized_shape, np.float32)))
+    return L.emit(_R().nn.rms_norm(x[0], weight, axes=[-1], epsilon=a.eps))
+
+
 EMITTERS: dict[str, Emitter] = {
+    "conv1d": _conv1d,
+    "conv_transpose1d": _conv_transpose,
+    "conv_transpose2d": _conv_transpose,
+    "upsample": _upsample,
+    "max_pool1d": _pool1d("max_pool1d"),
+    "avg_pool1d": _pool1d("avg_pool1d", count_include_pad=True),  # PyTorch's default
+    "group_norm": _group_norm,
+    "instance_norm": _instance_norm,
+    "rms_norm": _rms_norm,
+    "relu6": lambda L, n, x, p: L.emit(_R().clip(x[0], 0.0, 6.0)),
     "linear": _linear,
     "conv2d": _conv2d,
     "max_pool2d": _pool("max_pool2d"),

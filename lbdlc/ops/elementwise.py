@@ -19,6 +19,14 @@ class Relu(Op):
 
 
 @register
+class Relu6(Op):
+    """min(max(x, 0), 6), MobileNet's activation."""
+
+    name = "relu6"
+    flops_per_element = 2
+
+
+@register
 class LeakyRelu(Op):
     """x for x > 0, negative_slope·x otherwise (slope 0.01 by default)."""
 
