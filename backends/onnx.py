@@ -335,7 +335,30 @@ def _rms_norm(e, n, x, out):
     e.add("Mul", [e.add("Div", [x[0], rms], e.temp(s, "normed"), s), weight], out, s)
 
 
+def _transpose(e, n, x, out):
+    from lbdlc.ops.sequence import permutation
+
+    e.add("Transpose", x[:1], out, n.name, perm=permutation(n.attrs, n.inputs[0].type.rank))
+
+
+def _select(e, n, x, out):
+    index = e.const(n.name, "index", np.array(n.attrs.index, np.int64))  # a scalar index drops the dim
+    e.add("Gather", [x[0], index], out, n.name, axis=n.attrs.dim % n.inputs[0].type.rank)
+
+
+def _cls_token(e, n, x, out):
+    s = n.name
+    batch = e.add("Shape", x[:1], e.temp(s, "batch"), s, start=0, end=1)
+    rest = e.const(s, "rest", np.array([1, n.inputs[0].type.shape[2]], np.int64))
+    shape = e.add("Concat", [batch, rest], e.temp(s, "shape"), s, axis=0)
+    tokens = e.add("Expand", [n.params["token"], shape], e.temp(s, "tokens"), s)
+    e.add("Concat", [tokens, x[0]], out, s, axis=1)
+
+
 EMITTERS: dict[str, Emitter] = {
+    "transpose": _transpose,
+    "select": _select,
+    "cls_token": _cls_token,
     "conv1d": _conv1d,
     "conv_transpose1d": _conv_transpose,
     "conv_transpose2d": _conv_transpose,

@@ -7,6 +7,7 @@ become `F.*` calls) and the forward expression. Submodule names are the IR's nod
 from __future__ import annotations
 
 import keyword
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -167,7 +168,15 @@ def _rms_norm(n, x):
     return f"nn.RMSNorm({args})", f"{{self}}({x[0]})"
 
 
+def _select(n, x):
+    d = n.attrs.dim % n.inputs[0].type.rank
+    return None, f"{x[0]}[{':, ' * d}{n.attrs.index}]"
+
+
 EMITTERS: dict[str, Emitter] = {
+    "transpose": lambda n, x: (None, f"{x[0]}.transpose({n.attrs.dims[0]}, {n.attrs.dims[1]})"),
+    "select": _select,
+    "cls_token": lambda n, x: (f"ClsToken({n.inputs[0].type.shape[2]})", f"{{self}}({x[0]})"),
     "conv1d": _conv1d,
     "conv_transpose1d": _conv_transpose("ConvTranspose1d"),
     "conv_transpose2d": _conv_transpose("ConvTranspose2d"),
@@ -205,6 +214,17 @@ EMITTERS: dict[str, Emitter] = {
 # Helper classes some emitters construct (op name -> source), written once into model.py
 # when a graph uses that op, so the generated file stays standalone.
 SUPPORT: dict[str, str] = {
+    "cls_token": '''
+class ClsToken(nn.Module):
+    """Prepends a learned token to a [batch, seq, dim] sequence."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)
+''',
     "attention": '''
 class MultiHeadAttention(nn.Module):
     """Multi-head attention, batch first: [batch, seq, dim] in and out.
@@ -327,7 +347,7 @@ def _container(tree: dict, indent: str) -> str:
     inner = indent + "    "
     keys = list(tree)
     items = [(k, tree[k] if isinstance(tree[k], str) else _container(tree[k], inner)) for k in keys]
-    if keys == [str(k) for k in range(len(keys))]:
+    if _is_list(tree):
         body = "".join(f"{inner}{value},\n" for _, value in items)
         return f"nn.ModuleList([\n{body}{indent}])"
     body = "".join(f"{inner}{k!r}: {value},\n" for k, value in items)
@@ -341,15 +361,20 @@ def _tied_call(node: Node, x: list[str]) -> str:
         raise SpecError("the PyTorch backend ties weights of bias-free linear layers only", node.origin,
                         hint="set `bias: false` on the tied layer")
     owner, attr = node.params["weight"].rsplit(".", 1)
-    return f"F.linear({x[0]}, {_access(owner)}.{attr})  # weight tied to {node.params['weight']}"
+    return f"F.linear({x[0]}, {{self:{owner}}}.{attr})  # weight tied to {node.params['weight']}"
 
 
-def _access(name: str) -> str:
-    """`self.layer1[0].conv1` for the submodule of a scoped layer name."""
+def _is_list(tree: dict) -> bool:
+    return list(tree) == [str(k) for k in range(len(tree))]
+
+
+def _access(name: str, tree: dict) -> str:
+    """`self.layer1[0].conv1` for the submodule of a scoped layer name (`tree` from _module_tree)."""
     first, *rest = name.split(".")
-    path = f"self.{first}"
+    path, node = f"self.{first}", tree[first]
     for part in rest:
-        if part.isdigit():
+        container, node = node, node[part]
+        if _is_list(container):
             path += f"[{part}]"
         elif part.isidentifier() and part not in _MODULE_DICT_ATTRS and not keyword.iskeyword(part):
             path += f".{part}"
@@ -381,14 +406,16 @@ def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_versio
                 )
             where = f"  # {Path(spec_file).name}:{node.origin.line}" if node.origin else ""
             modules.append((node.name, f"{module}{where}" if "." not in node.name else module))
-            expr = expr.format(self=_access(node.name))
+            expr = expr.replace("{self}", "{self:" + node.name + "}")  # filled once the tree is known
         targets = ", ".join(var[id(v)] for v in node.outputs)
         forward_lines.append(f"{targets} = {expr}")
 
+    tree = _module_tree(modules)
     init_lines = [
         f"self.{name} = {value}" if isinstance(value, str) else f"self.{name} = {_container(value, '        ')}"
-        for name, value in _module_tree(modules).items()
+        for name, value in tree.items()
     ]
+    forward_lines = [re.sub(r"\{self:([^}]+)\}", lambda m: _access(m.group(1), tree), line) for line in forward_lines]
     signature = ", ".join(f"{var[id(v)]}: torch.Tensor" for v in graph.inputs)
     results = [var[id(v)] for v in graph.outputs]
     returns = "torch.Tensor" if len(results) == 1 else "tuple[" + ", ".join(["torch.Tensor"] * len(results)) + "]"

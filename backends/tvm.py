@@ -256,7 +256,29 @@ def _rms_norm(L, n, x, p):
     return L.emit(_R().nn.rms_norm(x[0], weight, axes=[-1], epsilon=a.eps))
 
 
+def _transpose(L, n, x, p):
+    from lbdlc.ops.sequence import permutation
+
+    return L.emit(_R().permute_dims(x[0], permutation(n.attrs, n.inputs[0].type.rank)))
+
+
+def _select(L, n, x, p):
+    from tvm import relax
+
+    index = relax.const(np.array(n.attrs.index, np.int64))  # 0-d: take drops the axis
+    return L.emit(_R().take(x[0], index, axis=n.attrs.dim % n.inputs[0].type.rank, mode="clip"))
+
+
+def _cls_token(L, n, x, p):
+    batch, _, dim = n.inputs[0].type.shape
+    tokens = L.emit(_R().broadcast_to(p["token"], [L.prim(batch), 1, dim]))
+    return L.emit(_R().concat([tokens, x[0]], axis=1))
+
+
 EMITTERS: dict[str, Emitter] = {
+    "transpose": _transpose,
+    "select": _select,
+    "cls_token": _cls_token,
     "conv1d": _conv1d,
     "conv_transpose1d": _conv_transpose,
     "conv_transpose2d": _conv_transpose,
