@@ -40,19 +40,26 @@ def _linear(n, x):
     return f"nn.Linear({_args(a.in_features, a.out_features, bias=(a.bias, True))})", f"{{self}}({x[0]})"
 
 
-def _conv2d(n, x):
-    a = n.attrs
-    args = _args(
-        a.in_channels,
-        a.out_channels,
-        kernel_size=(_size(a.kernel_size), None),
-        stride=(_size(a.stride), 1),
-        padding=(_size(a.padding), 0),
-        dilation=(_size(a.dilation), 1),
-        groups=(a.groups, 1),
-        bias=(a.bias, True),
-    )
-    return f"nn.Conv2d({args})", f"{{self}}({x[0]})"
+def _conv(module: str, transposed: bool = False):
+    """nn.Conv1d/2d and nn.ConvTranspose1d/2d, writing only non-default arguments."""
+
+    def emit(n, x):
+        a = n.attrs
+        extra = {"output_padding": (_size(a.output_padding), 0)} if transposed else {}
+        args = _args(
+            a.in_channels,
+            a.out_channels,
+            kernel_size=(_size(a.kernel_size), None),
+            stride=(_size(a.stride), 1),
+            padding=(_size(a.padding), 0),
+            **extra,
+            dilation=(_size(a.dilation), 1),
+            groups=(a.groups, 1),
+            bias=(a.bias, True),
+        )
+        return f"nn.{module}({args})", f"{{self}}({x[0]})"
+
+    return emit
 
 
 def _pool(fn):
@@ -105,40 +112,6 @@ def _sinusoidal_position(n, x):
     return f"SinusoidalPosition({args})", f"{{self}}({x[0]})"
 
 
-def _conv1d(n, x):
-    a = n.attrs
-    args = _args(
-        a.in_channels,
-        a.out_channels,
-        kernel_size=(a.kernel_size, None),
-        stride=(a.stride, 1),
-        padding=(a.padding, 0),
-        dilation=(a.dilation, 1),
-        groups=(a.groups, 1),
-        bias=(a.bias, True),
-    )
-    return f"nn.Conv1d({args})", f"{{self}}({x[0]})"
-
-
-def _conv_transpose(kind):
-    def emit(n, x):
-        a = n.attrs
-        args = _args(
-            a.in_channels,
-            a.out_channels,
-            kernel_size=(_size(a.kernel_size), None),
-            stride=(_size(a.stride), 1),
-            padding=(_size(a.padding), 0),
-            output_padding=(_size(a.output_padding), 0),
-            groups=(a.groups, 1),
-            bias=(a.bias, True),
-            dilation=(_size(a.dilation), 1),
-        )
-        return f"nn.{kind}({args})", f"{{self}}({x[0]})"
-
-    return emit
-
-
 def _upsample(n, x):
     a = n.attrs
     if a.size is not None:
@@ -177,9 +150,9 @@ EMITTERS: dict[str, Emitter] = {
     "transpose": lambda n, x: (None, f"{x[0]}.transpose({n.attrs.dims[0]}, {n.attrs.dims[1]})"),
     "select": _select,
     "cls_token": lambda n, x: (f"ClsToken({n.inputs[0].type.shape[2]})", f"{{self}}({x[0]})"),
-    "conv1d": _conv1d,
-    "conv_transpose1d": _conv_transpose("ConvTranspose1d"),
-    "conv_transpose2d": _conv_transpose("ConvTranspose2d"),
+    "conv1d": _conv("Conv1d"),
+    "conv_transpose1d": _conv("ConvTranspose1d", transposed=True),
+    "conv_transpose2d": _conv("ConvTranspose2d", transposed=True),
     "upsample": _upsample,
     "max_pool1d": _pool("max_pool1d"),
     "avg_pool1d": _pool("avg_pool1d"),
@@ -188,7 +161,7 @@ EMITTERS: dict[str, Emitter] = {
     "rms_norm": _rms_norm,
     "relu6": lambda n, x: (None, f"F.relu6({x[0]})"),
     "linear": _linear,
-    "conv2d": _conv2d,
+    "conv2d": _conv("Conv2d"),
     "max_pool2d": _pool("max_pool2d"),
     "avg_pool2d": _pool("avg_pool2d"),
     "global_avg_pool2d": lambda n, x: (None, f"F.adaptive_avg_pool2d({x[0]}, 1)"),
