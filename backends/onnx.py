@@ -355,7 +355,31 @@ def _cls_token(e, n, x, out):
     e.add("Concat", [tokens, x[0]], out, s, axis=1)
 
 
+def _silu(e, n, x, out):
+    e.add("Mul", [x[0], e.add("Sigmoid", x[:1], e.temp(n.name, "sigmoid"), n.name)], out, n.name)
+
+
+def _softplus(e, n, x, out):
+    """PyTorch's softplus: ONNX Softplus has neither beta nor the linear region."""
+    s, a = n.name, n.attrs
+    beta = e.const(s, "beta", np.array(a.beta, np.float32))
+    scaled = e.add("Mul", [x[0], beta], e.temp(s, "scaled"), s)
+    smooth = e.add("Div", [e.add("Softplus", [scaled], e.temp(s, "softplus"), s), beta], e.temp(s, "smooth"), s)
+    linear = e.add("Greater", [scaled, e.const(s, "threshold", np.array(a.threshold, np.float32))], e.temp(s, "linear"), s)
+    e.add("Where", [linear, x[0], smooth], out, s)
+
+
+def _mul(e, n, x, out):
+    acc = x[0]
+    for k, term in enumerate(x[1:], start=1):
+        acc = e.add("Mul", [acc, term], out if k == len(x) - 1 else e.temp(n.name, "product"), n.name)
+
+
 EMITTERS: dict[str, Emitter] = {
+    "silu": _silu,
+    "softplus": _softplus,
+    "log_softmax": lambda e, n, x, out: e.add("LogSoftmax", x[:1], out, n.name, axis=n.attrs.dim),
+    "mul": _mul,
     "transpose": _transpose,
     "select": _select,
     "cls_token": _cls_token,

@@ -147,6 +147,10 @@ def _select(n, x):
 
 
 EMITTERS: dict[str, Emitter] = {
+    "silu": lambda n, x: (None, f"F.silu({x[0]})"),
+    "softplus": lambda n, x: (None, f"F.softplus({_args(x[0], beta=(n.attrs.beta, 1.0), threshold=(n.attrs.threshold, 20.0))})"),
+    "log_softmax": lambda n, x: (None, f"F.log_softmax({x[0]}, dim={n.attrs.dim})"),
+    "mul": lambda n, x: (None, " * ".join(x)),
     "transpose": lambda n, x: (None, f"{x[0]}.transpose({n.attrs.dims[0]}, {n.attrs.dims[1]})"),
     "select": _select,
     "cls_token": lambda n, x: (f"ClsToken({n.inputs[0].type.shape[2]})", f"{{self}}({x[0]})"),

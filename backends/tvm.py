@@ -275,7 +275,18 @@ def _cls_token(L, n, x, p):
     return L.emit(_R().concat([tokens, x[0]], axis=1))
 
 
+def _mul(L, n, x, p):
+    acc = x[0]
+    for term in x[1:]:
+        acc = L.emit(_R().multiply(acc, term))
+    return acc
+
+
 EMITTERS: dict[str, Emitter] = {
+    "silu": lambda L, n, x, p: L.emit(_R().nn.silu(x[0])),
+    "softplus": lambda L, n, x, p: L.emit(_R().nn.softplus(x[0], beta=n.attrs.beta, threshold=n.attrs.threshold)),
+    "log_softmax": lambda L, n, x, p: L.emit(_R().nn.log_softmax(x[0], axis=axis(n.attrs.dim, n.inputs[0].type.rank))),
+    "mul": _mul,
     "transpose": _transpose,
     "select": _select,
     "cls_token": _cls_token,

@@ -65,10 +65,45 @@ class Sigmoid(Op):
 
 
 @register
+class Silu(Op):
+    """x·sigmoid(x) (SiLU, "swish")."""
+
+    name = "silu"
+    flops_per_element = 5
+
+
+@register
+class Softplus(Op):
+    """log(1 + exp(beta·x)) / beta, and x itself where beta·x > threshold (PyTorch's convention)."""
+
+    name = "softplus"
+    flops_per_element = 5
+
+    class Attrs(OpAttrs):
+        beta: float = Field(1.0, gt=0)
+        threshold: float = 20.0
+
+
+@register
 class Softmax(Op):
     """exp(x) / sum(exp(x)) along one dimension (the last by default)."""
 
     name = "softmax"
+    flops_per_element = 5
+
+    class Attrs(OpAttrs):
+        dim: int = -1
+
+    def infer(self, a, ins):
+        axis(a.dim, ins[0].rank)
+        return [ins[0]]
+
+
+@register
+class LogSoftmax(Op):
+    """log(softmax(x)) along one dimension, computed stably."""
+
+    name = "log_softmax"
     flops_per_element = 5
 
     class Attrs(OpAttrs):
@@ -102,3 +137,10 @@ class Add(Op):
 
     def flops(self, a, ins, outs):
         return (len(ins) - 1) * numel(outs[0].shape)
+
+
+@register
+class Mul(Add):
+    """Elementwise product of two or more tensors with NumPy broadcasting (gates, scaling)."""
+
+    name = "mul"
