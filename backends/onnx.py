@@ -376,6 +376,8 @@ def _mul(e, n, x, out):
 
 
 EMITTERS: dict[str, Emitter] = {
+    "mean": lambda e, n, x, out: e.add("ReduceMean", [x[0], e.const(n.name, "axes", np.array(n.attrs.dims, np.int64))], out, n.name, keepdims=int(n.attrs.keepdim)),
+    "matmul": lambda e, n, x, out: e.add("MatMul", x[:2], out, n.name),
     "silu": _silu,
     "softplus": _softplus,
     "log_softmax": lambda e, n, x, out: e.add("LogSoftmax", x[:1], out, n.name, axis=n.attrs.dim),

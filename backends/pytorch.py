@@ -147,6 +147,8 @@ def _select(n, x):
 
 
 EMITTERS: dict[str, Emitter] = {
+    "mean": lambda n, x: (None, f"{x[0]}.mean({_args(dim=(tuple(n.attrs.dims), None), keepdim=(n.attrs.keepdim, False))})"),
+    "matmul": lambda n, x: (None, f"{x[0]} @ {x[1]}"),
     "silu": lambda n, x: (None, f"F.silu({x[0]})"),
     "softplus": lambda n, x: (None, f"F.softplus({_args(x[0], beta=(n.attrs.beta, 1.0), threshold=(n.attrs.threshold, 20.0))})"),
     "log_softmax": lambda n, x: (None, f"F.log_softmax({x[0]}, dim={n.attrs.dim})"),

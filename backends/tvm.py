@@ -283,6 +283,8 @@ def _mul(L, n, x, p):
 
 
 EMITTERS: dict[str, Emitter] = {
+    "mean": lambda L, n, x, p: L.emit(_R().mean(x[0], axis=[axis(d, n.inputs[0].type.rank) for d in n.attrs.dims], keepdims=n.attrs.keepdim)),
+    "matmul": lambda L, n, x, p: L.emit(_R().matmul(x[0], x[1])),
     "silu": lambda L, n, x, p: L.emit(_R().nn.silu(x[0])),
     "softplus": lambda L, n, x, p: L.emit(_R().nn.softplus(x[0], beta=n.attrs.beta, threshold=n.attrs.threshold)),
     "log_softmax": lambda L, n, x, p: L.emit(_R().nn.log_softmax(x[0], axis=axis(n.attrs.dim, n.inputs[0].type.rank))),

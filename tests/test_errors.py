@@ -181,3 +181,16 @@ def test_integer_input_into_a_float_op(cli, write_spec):
     err = check_fails(cli, path)
     assert "linear takes floating-point tensors, got [batch, 50] int64" in located(err, path, 5, "linear")
     assert "op: embedding" in err
+
+
+def test_matmul_inner_sizes_disagree(cli, write_spec):
+    path = write_spec(MLP + "  - {name: prod, op: matmul, in: [fc1, fc2]}\noutputs: [prod]\n")
+    path.write_text(path.read_text().replace("x: {shape: [batch, 50]}", "x: {shape: [batch, 3, 50]}"))
+    err = check_fails(cli, path)
+    assert "matmul needs the inner sizes to agree: [batch, 3, 25] @ [batch, 3, 2] (25 vs 3)" in located(err, path, 8, "matmul")
+
+
+def test_mean_over_a_dimension_twice(cli, write_spec):
+    path = write_spec(MLP + "  - {name: avg, op: mean, dims: [1, -1]}\n")
+    err = check_fails(cli, path)
+    assert "dims [1, -1] name a dimension twice" in located(err, path, 8, "[1, -1]")

@@ -87,3 +87,47 @@ class Concat(Op):
                 )
         total = as_dim(sum((t.shape[d] for t in ins), 0))
         return [TensorType(ins[0].shape[:d] + (total,) + ins[0].shape[d + 1 :], ins[0].dtype)]
+
+
+@register
+class Mean(Op):
+    """Average over some dimensions (`dims`), keeping them as size 1 with `keepdim`."""
+
+    name = "mean"
+
+    class Attrs(OpAttrs):
+        dims: list[int] = Field(min_length=1)
+        keepdim: bool = False
+
+    def infer(self, a, ins):
+        x = ins[0]
+        dims = sorted({axis(d, x.rank, "dims") for d in a.dims})
+        if len(dims) != len(a.dims):
+            raise ShapeError(f"dims {a.dims} name a dimension twice", field="dims")
+        shape = [1 if i in dims else d for i, d in enumerate(x.shape)] if a.keepdim else [d for i, d in enumerate(x.shape) if i not in dims]
+        return [TensorType(tuple(shape), x.dtype)]
+
+    def flops(self, a, ins, outs):
+        return numel(ins[0].shape)
+
+
+@register
+class Matmul(Op):
+    """Matrix product of two tensors, torch.matmul style: [..., n, k] @ [..., k, m], batch dims broadcast."""
+
+    name = "matmul"
+    arity = 2
+
+    def infer(self, a, ins):
+        x, y = ins
+        if x.rank < 2 or y.rank < 2:
+            raise ShapeError(f"matmul needs two tensors of rank 2 or more, got {x} and {y}")
+        if not dim_eq(x.shape[-1], y.shape[-2]):
+            raise ShapeError(f"matmul needs the inner sizes to agree: {x} @ {y} ({x.shape[-1]} vs {y.shape[-2]})")
+        from .rules import broadcast
+
+        batch = broadcast([x.shape[:-2], y.shape[:-2]]) if x.rank > 2 or y.rank > 2 else ()
+        return [TensorType(tuple(batch) + (x.shape[-2], y.shape[-1]), x.dtype)]
+
+    def flops(self, a, ins, outs):
+        return 2 * numel(outs[0].shape) * ins[0].shape[-1]
