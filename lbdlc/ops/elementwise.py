@@ -100,18 +100,10 @@ class Softmax(Op):
 
 
 @register
-class LogSoftmax(Op):
+class LogSoftmax(Softmax):
     """log(softmax(x)) along one dimension, computed stably."""
 
     name = "log_softmax"
-    flops_per_element = 5
-
-    class Attrs(OpAttrs):
-        dim: int = -1
-
-    def infer(self, a, ins):
-        axis(a.dim, ins[0].rank)
-        return [ins[0]]
 
 
 @register
