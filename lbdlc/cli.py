@@ -105,6 +105,8 @@ def build(
     overrides: list[str] = SetOpt,
     strict: bool = StrictOpt,
     max_memory: Optional[str] = typer.Option(None, help="Refuse builds predicted to need more memory (e.g. 24GiB); default half the RAM."),
+    verify: bool = typer.Option(False, "--verify", help="Run the built artifacts on random inputs and check they agree (exit 1 if not)."),
+    tolerance: float = typer.Option(1e-4, help="With --verify: the largest max-abs difference allowed, relative to max(1, |output|)."),
 ) -> None:
     """Compile a spec: model.py, weights.safetensors, model.onnx, a TVM library and manifest.json."""
     from .driver import BuildOptions, build as run_build, parse_size
@@ -122,6 +124,26 @@ def build(
     out.print(f"built {m['name']}: {_fmt_int(m['params'])} parameters -> {result.out_dir}", markup=False)
     for name, info in result.manifest["artifacts"].items():
         out.print(f"  {name:<22} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:12]}", markup=False)
+    if verify and not _verified(result.out_dir, tuple(backend), tolerance):
+        raise typer.Exit(1)
+
+
+def _verified(out_dir: Path, backends: tuple[str, ...], tolerance: float) -> bool:
+    """Invariant 1 on this build: every backend computes what the generated module computes."""
+    from .verify import compare, random_inputs, run_pytorch
+
+    if "pytorch" not in backends or len(backends) < 2:
+        out.print("verify: needs the pytorch backend and at least one other", markup=False)
+        return False
+    inputs = random_inputs(out_dir, int_high=2)  # symbolic dims at 2; ids 0/1 fit any table
+    ordered = ("pytorch",) + tuple(b for b in backends if b != "pytorch")
+    agreement = compare(out_dir, inputs, ordered)
+    scale = max([1.0] + [float(abs(r).max()) for r in run_pytorch(out_dir, inputs) if r.size])
+    ok = all(d <= tolerance * scale for d in agreement.max_abs_diff.values())
+    for b, d in agreement.max_abs_diff.items():
+        out.print(f"  verify {b:<8} max |diff| vs pytorch {d:.2e} (allowed {tolerance * scale:.1e})", markup=False)
+    out.print("verify: agree" if ok else "verify: DIFFER", markup=False)
+    return ok
 
 
 @app.command()

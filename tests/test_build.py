@@ -114,3 +114,15 @@ def test_failed_build_leaves_previous_output(cli, tmp_path, write_spec):
 def test_unknown_backend(cli, tmp_path):
     code, _, err = cli("build", SPECS / "mlp.yaml", "-o", tmp_path / "o", "-b", "tensorflow")
     assert code == 2 and "unknown backend 'tensorflow'" in err
+
+
+def test_build_verify_reports_agreement_and_exits_1_on_difference(cli, tmp_path, monkeypatch):
+    code, out, err = cli("build", SPECS / "mlp.yaml", "-o", tmp_path / "a", "-b", "pytorch", "-b", "onnx", "--verify")
+    assert code == 0, err
+    assert "verify onnx" in out and "verify: agree" in out
+    import lbdlc.verify
+
+    honest = lbdlc.verify.RUNNERS["onnx"]
+    monkeypatch.setitem(lbdlc.verify.RUNNERS, "onnx", lambda d, x: [r + 1e-2 for r in honest(d, x)])
+    code, out, _ = cli("build", SPECS / "mlp.yaml", "-o", tmp_path / "b", "-b", "pytorch", "-b", "onnx", "--verify")
+    assert code == 1 and "verify: DIFFER" in out
