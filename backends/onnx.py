@@ -375,9 +375,31 @@ def _mul(e, n, x, out):
         acc = e.add("Mul", [acc, term], out if k == len(x) - 1 else e.temp(n.name, "product"), n.name)
 
 
+def _matmul(e, n, x, out):
+    """MatMul; with transpose_b the second input's last two dims are swapped first."""
+    y = x[1]
+    if n.attrs.transpose_b:
+        rank = n.inputs[1].type.rank
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        y = e.add("Transpose", [y], e.temp(n.name, "b_t"), n.name, perm=perm)
+    e.add("MatMul", [x[0], y], out, n.name)
+
+
+def _slice(e, n, x, out):
+    """Slice with the layer's own bounds (ONNX counts negative ones from the end, like Python);
+    an open end is INT64_MAX, which ONNX clamps to the size."""
+    a, s = n.attrs, n.name
+    end = np.iinfo(np.int64).max if a.end is None else a.end
+    inputs = [x[0]] + [e.const(s, what, np.array([v], np.int64)) for what, v in
+                       (("starts", a.start), ("ends", end), ("axes", a.dim % n.inputs[0].type.rank), ("steps", a.step))]
+    e.add("Slice", inputs, out, s)
+
+
 EMITTERS: dict[str, Emitter] = {
+    "permute": lambda e, n, x, out: e.add("Transpose", x[:1], out, n.name, perm=[d % n.inputs[0].type.rank for d in n.attrs.dims]),
+    "slice": _slice,
     "mean": lambda e, n, x, out: e.add("ReduceMean", [x[0], e.const(n.name, "axes", np.array(n.attrs.dims, np.int64))], out, n.name, keepdims=int(n.attrs.keepdim)),
-    "matmul": lambda e, n, x, out: e.add("MatMul", x[:2], out, n.name),
+    "matmul": _matmul,
     "silu": _silu,
     "softplus": _softplus,
     "log_softmax": lambda e, n, x, out: e.add("LogSoftmax", x[:1], out, n.name, axis=n.attrs.dim),

@@ -146,9 +146,22 @@ def _select(n, x):
     return None, f"{x[0]}[{':, ' * d}{n.attrs.index}]"
 
 
+def _matmul(n, x):
+    return None, f"{x[0]} @ {x[1]}.transpose(-2, -1)" if n.attrs.transpose_b else f"{x[0]} @ {x[1]}"
+
+
+def _slice(n, x):
+    a = n.attrs
+    d = a.dim % n.inputs[0].type.rank
+    bounds = f"{a.start or ''}:{'' if a.end is None else a.end}" + (f":{a.step}" if a.step != 1 else "")
+    return None, f"{x[0]}[{':, ' * d}{bounds}]"
+
+
 EMITTERS: dict[str, Emitter] = {
+    "permute": lambda n, x: (None, f"{x[0]}.permute({', '.join(str(d) for d in n.attrs.dims)})"),
+    "slice": _slice,
     "mean": lambda n, x: (None, f"{x[0]}.mean({_args(dim=(tuple(n.attrs.dims), None), keepdim=(n.attrs.keepdim, False))})"),
-    "matmul": lambda n, x: (None, f"{x[0]} @ {x[1]}"),
+    "matmul": _matmul,
     "silu": lambda n, x: (None, f"F.silu({x[0]})"),
     "softplus": lambda n, x: (None, f"F.softplus({_args(x[0], beta=(n.attrs.beta, 1.0), threshold=(n.attrs.threshold, 20.0))})"),
     "log_softmax": lambda n, x: (None, f"F.log_softmax({x[0]}, dim={n.attrs.dim})"),

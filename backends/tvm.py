@@ -282,9 +282,30 @@ def _mul(L, n, x, p):
     return acc
 
 
+def _matmul(L, n, x, p):
+    y = x[1]
+    if n.attrs.transpose_b:
+        rank = n.inputs[1].type.rank
+        y = L.emit(_R().permute_dims(y, list(range(rank - 2)) + [rank - 1, rank - 2]))
+    return L.emit(_R().matmul(x[0], y))
+
+
+def _slice(L, n, x, p):
+    """strided_slice with bounds made non-negative by the shape rule (expressions of a
+    symbolic size); the rule has checked them against fixed sizes."""
+    from lbdlc.ops.tensor import slice_bounds
+
+    a = n.attrs
+    d = a.dim % n.inputs[0].type.rank
+    begin, end, _ = slice_bounds(a, n.inputs[0].type.shape[d])
+    return L.emit(_R().strided_slice(x[0], axes=[d], begin=[L.prim(begin)], end=[L.prim(end)], strides=[a.step], assume_inbound=True))
+
+
 EMITTERS: dict[str, Emitter] = {
+    "permute": lambda L, n, x, p: L.emit(_R().permute_dims(x[0], [d % n.inputs[0].type.rank for d in n.attrs.dims])),
+    "slice": _slice,
     "mean": lambda L, n, x, p: L.emit(_R().mean(x[0], axis=[axis(d, n.inputs[0].type.rank) for d in n.attrs.dims], keepdims=n.attrs.keepdim)),
-    "matmul": lambda L, n, x, p: L.emit(_R().matmul(x[0], x[1])),
+    "matmul": _matmul,
     "silu": lambda L, n, x, p: L.emit(_R().nn.silu(x[0])),
     "softplus": lambda L, n, x, p: L.emit(_R().nn.softplus(x[0], beta=n.attrs.beta, threshold=n.attrs.threshold)),
     "log_softmax": lambda L, n, x, p: L.emit(_R().nn.log_softmax(x[0], axis=axis(n.attrs.dim, n.inputs[0].type.rank))),

@@ -74,4 +74,4 @@ def get(name: str) -> Op:
 
 
 # The built-in op families register themselves on import.
-from . import attention, conv, elementwise, linear, norm, sequence, shape, spatial  # noqa: E402,F401
+from . import attention, conv, elementwise, linear, norm, sequence, shape, spatial, tensor  # noqa: E402,F401

@@ -118,16 +118,21 @@ class Matmul(Op):
     name = "matmul"
     arity = 2
 
+    class Attrs(OpAttrs):
+        transpose_b: bool = False  # x @ y.transpose(-2, -1): y is [..., m, k] (attention scores q @ k^T)
+
     def infer(self, a, ins):
         x, y = ins
         if x.rank < 2 or y.rank < 2:
             raise ShapeError(f"matmul needs two tensors of rank 2 or more, got {x} and {y}")
-        if not dim_eq(x.shape[-1], y.shape[-2]):
-            raise ShapeError(f"matmul needs the inner sizes to agree: {x} @ {y} ({x.shape[-1]} vs {y.shape[-2]})")
+        k, m = (y.shape[-1], y.shape[-2]) if a.transpose_b else (y.shape[-2], y.shape[-1])
+        if not dim_eq(x.shape[-1], k):
+            t = " transposed (transpose_b)" if a.transpose_b else ""
+            raise ShapeError(f"matmul needs the inner sizes to agree: {x} @ {y}{t} ({x.shape[-1]} vs {k})")
         from .rules import broadcast
 
         batch = broadcast([x.shape[:-2], y.shape[:-2]]) if x.rank > 2 or y.rank > 2 else ()
-        return [TensorType(tuple(batch) + (x.shape[-2], y.shape[-1]), x.dtype)]
+        return [TensorType(tuple(batch) + (x.shape[-2], m), x.dtype)]
 
     def flops(self, a, ins, outs):
         return 2 * numel(outs[0].shape) * ins[0].shape[-1]
