@@ -183,7 +183,7 @@ def _sinusoidal_position(e, n, x, out):
     from lbdlc.ops.attention import sinusoidal_table
 
     a = n.attrs
-    table = e.const(n.name, "pe", sinusoidal_table(a.max_positions, a.embedding_dim, a.base))
+    table = e.const(n.name, "pe", sinusoidal_table(a.max_positions, a.embedding_dim, a.base, a.layout))
     _add_positions(e, n, x, table, out)
 
 
@@ -395,7 +395,216 @@ def _slice(e, n, x, out):
     e.add("Slice", inputs, out, s)
 
 
+def _split(e, n, x, out):
+    """Split with a sizes initializer when every piece has a fixed size; `num_outputs` (opset
+    18+) for equal pieces of a symbolic size (2*batch into two). One ONNX output per IR output."""
+    from lbdlc.ops.tensor import split_sizes
+
+    a, s, t = n.attrs, n.name, n.inputs[0].type
+    sizes = split_sizes(a, t)
+    if all(isinstance(size, int) for size in sizes):
+        inputs, attrs = [x[0], e.const(s, "sizes", np.array(sizes, np.int64))], {}
+    else:
+        inputs, attrs = [x[0]], {"num_outputs": len(sizes)}
+    e.nodes.append(helper.make_node("Split", inputs, [v.name for v in n.outputs], name=e.temp(s, "Split"),
+                                    axis=axis(a.dim, t.rank), **attrs))
+
+
+def _graph_conv(e, n, x, out):
+    """adj @ (x W^T) + b; with normalize, D^-1/2 (A + I) D^-1/2 as d * (A @ (d * y) + d * y),
+    d = 1 / sqrt(rowsum(A) + 1)."""
+    s, adj = n.name, x[1]
+    bias = n.params.get("bias")
+    wt = e.add("Transpose", [n.params["weight"]], e.temp(s, "weight_t"), s, perm=[1, 0])
+    y = e.add("MatMul", [x[0], wt], e.temp(s, "projected"), s)
+    last = out if bias is None else e.temp(s, "aggregated")
+    if n.attrs.normalize:
+        rows = e.add("ReduceSum", [adj, e.const(s, "axes", np.array([-1], np.int64))], e.temp(s, "row_sums"), s, keepdims=1)
+        degree = e.add("Add", [rows, e.const(s, "one", np.array(1.0, np.float32))], e.temp(s, "degree"), s)
+        d = e.add("Reciprocal", [e.add("Sqrt", [degree], e.temp(s, "sqrt_degree"), s)], e.temp(s, "d"), s)
+        dy = e.add("Mul", [d, y], e.temp(s, "dy"), s)
+        summed = e.add("Add", [e.add("MatMul", [adj, dy], e.temp(s, "a_dy"), s), dy], e.temp(s, "a_plus_i_dy"), s)
+        y = e.add("Mul", [d, summed], last, s)
+    else:
+        y = e.add("MatMul", [adj, y], last, s)
+    if bias is not None:
+        e.add("Add", [y, bias], out, s)
+
+
+# PyTorch's gate blocks (rows of W_ih, W_hh and the biases) in ONNX's order: LSTM i,f,g,o ->
+# i,o,f,c (c = g); GRU r,z,n -> z,r,h; RNN has one block.
+_ONNX_GATE_ORDER = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2], "rnn": [0]}
+
+
+def _gates_reordered(e, s: str, op: str, tensor: str, hidden: int) -> str:
+    """A PyTorch-layout parameter [G·H, ...] with its gate blocks in ONNX's order."""
+    order = _ONNX_GATE_ORDER[op]
+    if len(order) == 1:
+        return tensor
+    blocks = [e.temp(s, "gate") for _ in order]
+    e.nodes.append(helper.make_node("Split", [tensor, e.const(s, "gate_sizes", np.array([hidden] * len(order), np.int64))],
+                                    blocks, name=e.temp(s, "Split"), axis=0))
+    return e.add("Concat", [blocks[k] for k in order], e.temp(s, "onnx_gates"), s, axis=0)
+
+
+def _recurrent(e, n, x, out):
+    """The native LSTM / GRU / RNN ops, one per stacked layer, both directions in one op
+    (`direction: bidirectional`). Their W, R and B inputs are derived in the graph from the
+    PyTorch-named initializers (gates reordered, directions stacked, B = [b_ih, b_hh]); ONNX
+    Runtime folds them once at load. ONNX Runtime runs only layout 0, [seq, batch, ...], so a
+    batch-first input is transposed; Y [seq, D, batch, H] becomes [seq, batch, D·H]. GRU uses
+    linear_before_reset=1: r·(W_hn h + b_hn), PyTorch's form."""
+    a, s, op = n.attrs, n.name, n.op
+    h = a.hidden_size
+    directions = ["", "_reverse"] if a.bidirectional else [""]
+    y = e.add("Transpose", x[:1], e.temp(s, "seq_first"), s, perm=[1, 0, 2]) if a.batch_first else x[0]
+    zero = e.const(s, "axis0", np.array([0], np.int64))
+    for layer in range(a.num_layers):
+        stacked = {}
+        for what in ("weight_ih", "weight_hh", "bias"):
+            per_direction = []
+            for suffix in directions:
+                if what == "bias":
+                    if not a.bias:
+                        continue
+                    parts = [_gates_reordered(e, s, op, n.params[f"bias_{k}_l{layer}{suffix}"], h) for k in ("ih", "hh")]
+                    t = e.add("Concat", parts, e.temp(s, f"bias_l{layer}{suffix}"), s, axis=0)
+                else:
+                    t = _gates_reordered(e, s, op, n.params[f"{what}_l{layer}{suffix}"], h)
+                per_direction.append(e.add("Unsqueeze", [t, zero], e.temp(s, f"{what}_l{layer}{suffix}"), s))
+            if per_direction:
+                stacked[what] = per_direction[0] if len(per_direction) == 1 else e.add(
+                    "Concat", per_direction, e.temp(s, f"{what}_l{layer}"), s, axis=0)
+        attrs = {"hidden_size": h, "direction": "bidirectional" if a.bidirectional else "forward"}
+        if op == "gru":
+            attrs["linear_before_reset"] = 1
+        if op == "rnn":
+            attrs["activations"] = [a.nonlinearity.capitalize()] * len(directions)
+        states = e.add(op.upper(), [y, stacked["weight_ih"], stacked["weight_hh"], stacked.get("bias", "")],
+                       e.temp(s, f"Y_l{layer}"), s, **attrs)  # [seq, D, batch, H]
+        last = layer == a.num_layers - 1 and not a.batch_first
+        target = out if last else e.temp(s, f"output_l{layer}")
+        if a.bidirectional:
+            t = e.add("Transpose", [states], e.temp(s, f"directions_l{layer}"), s, perm=[0, 2, 1, 3])
+            y = e.add("Reshape", [t, e.const(s, "merge_directions", np.array([0, 0, 2 * h], np.int64))], target, s)
+        else:
+            y = e.add("Squeeze", [states, e.const(s, "direction_axis", np.array([1], np.int64))], target, s)
+    if a.batch_first:
+        e.add("Transpose", [y], out, s, perm=[1, 0, 2])
+
+
+def _adaptive_avg_pool2d(e, n, x, out):
+    """An AveragePool with kernel = stride = input / output (the op's shape rule makes it divide)."""
+    from lbdlc.ops.vision import adaptive_window
+
+    kh, kw = adaptive_window(n.attrs, n.inputs[0].type)
+    e.add("AveragePool", x[:1], out, n.name, kernel_shape=[kh, kw], strides=[kh, kw])
+
+
+def _quick_gelu(e, n, x, out):
+    s = n.name
+    scaled = e.add("Mul", [x[0], e.const(s, "k", np.array(1.702, np.float32))], e.temp(s, "scaled"), s)
+    e.add("Mul", [x[0], e.add("Sigmoid", [scaled], e.temp(s, "sigmoid"), s)], out, s)
+
+
+def _l2_normalize(e, n, x, out):
+    """x / max(ReduceL2(x), eps), as F.normalize."""
+    a, s = n.attrs, n.name
+    norm = e.add("ReduceL2", [x[0], e.const(s, "axes", np.array([a.dim], np.int64))], e.temp(s, "norm"), s, keepdims=1)
+    clamped = e.add("Max", [norm, e.const(s, "eps", np.array(a.eps, np.float32))], e.temp(s, "clamped"), s)
+    e.add("Div", [x[0], clamped], out, s)
+
+
+def _learned_scale(e, n, x, out):
+    w = n.params["weight"]
+    scale = e.add("Exp", [w], e.temp(n.name, "scale"), n.name) if n.attrs.log else w
+    e.add("Mul", [x[0], scale], out, n.name)
+
+
+def _select_at(e, n, x, out):
+    """GatherND with batch_dims=1: positions [batch] become indices [batch, 1]."""
+    s = n.name
+    index = e.add("Unsqueeze", [x[1], e.const(s, "axes", np.array([-1], np.int64))], e.temp(s, "index"), s)
+    e.add("GatherND", [x[0], index], out, s, batch_dims=1)
+
+
+def _timestep_embedding(e, n, x, out):
+    from lbdlc.ops.multimodal import timestep_frequencies
+
+    a, s = n.attrs, n.name
+    t = x[0]
+    if n.inputs[0].type.dtype != "float32":
+        t = e.add("Cast", [t], e.temp(s, "t_float"), s, to=TensorProto.FLOAT)
+    freqs = e.const(s, "freqs", timestep_frequencies(a.embedding_dim // 2, a.max_period, a.downscale_freq_shift))
+    column = e.add("Unsqueeze", [t, e.const(s, "axes", np.array([-1], np.int64))], e.temp(s, "t_column"), s)
+    angle = e.add("Mul", [column, freqs], e.temp(s, "angle"), s)
+    sin, cos = (e.add(op, [angle], e.temp(s, op.lower()), s) for op in ("Sin", "Cos"))
+    e.add("Concat", [cos, sin] if a.flip_sin_to_cos else [sin, cos], out, s, axis=-1)
+
+
+def _fused(core: Emitter) -> Emitter:
+    """fused_linear / fused_conv2d: the layer (Gemm, or MatMul + Add, or Conv with its bias),
+    then Add of the residual and the activation, the patterns ONNX Runtime's optimizer fuses
+    (Conv + activation into FusedConv, MatMul + Add into Gemm, Add + Gelu into BiasGelu)."""
+
+    def emit(e, n, x, out):
+        from lbdlc.ops.fused import activation_node
+
+        act = activation_node(n)
+        y = out if act is None and len(x) == 1 else e.temp(n.name, "core")
+        core(e, n, x[:1], y)
+        if len(x) > 1:
+            y = e.add("Add", [y, x[1]], out if act is None else e.temp(n.name, "residual"), n.name)
+        if act is not None:
+            EMITTERS[act.op](e, act, [y], out)
+
+    return emit
+
+
+def _scaled_dot_product_attention(e, n, x, out):
+    """Opset 23 and rank 3 or 4: the native Attention op (rank 3 as one head). Otherwise
+    MatMul with k transposed, Mul by the scale, the causal mask (as in `_attention`), Softmax, MatMul."""
+    from lbdlc.ops.fused import default_scale
+
+    a, s = n.attrs, n.name
+    rank, scale = n.inputs[0].type.rank, default_scale(n)
+    if e.opset >= 23 and rank in (3, 4):
+        heads = {"q_num_heads": 1, "kv_num_heads": 1} if rank == 3 else {}
+        e.add("Attention", x, out, s, scale=scale, is_causal=int(a.causal), **heads)
+        return
+    q, k, v = x
+    kt = e.add("Transpose", [k], e.temp(s, "k_t"), s, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+    scores = e.add("MatMul", [q, kt], e.temp(s, "qk"), s)
+    if scale != 1.0:
+        scores = e.add("Mul", [scores, e.const(s, "scale", np.array(scale, np.float32))], e.temp(s, "scores"), s)
+    if a.causal:
+        lengths = [e.add("Shape", [t], e.temp(s, what), s, start=rank - 2, end=rank - 1) for t, what in ((q, "seq"), (k, "seq_kv"))]
+        size = e.add("Concat", lengths, e.temp(s, "mask_shape"), s, axis=0)
+        minus_inf = helper.make_tensor("value", TensorProto.FLOAT, [1], [-math.inf])
+        full = e.add("ConstantOfShape", [size], e.temp(s, "minus_inf"), s, value=minus_inf)
+        mask = e.add("Trilu", [full, e.const(s, "k", np.array(1, np.int64))], e.temp(s, "causal_mask"), s, upper=1)
+        scores = e.add("Add", [scores, mask], e.temp(s, "masked"), s)
+    probs = e.add("Softmax", [scores], e.temp(s, "probs"), s, axis=-1)
+    e.add("MatMul", [probs, v], out, s)
+
+
 EMITTERS: dict[str, Emitter] = {
+    "fused_linear": _fused(_linear),
+    "fused_conv2d": _fused(_conv2d),
+    "scaled_dot_product_attention": _scaled_dot_product_attention,
+    "adaptive_avg_pool2d": _adaptive_avg_pool2d,
+    "quick_gelu": _quick_gelu,
+    "l2_normalize": _l2_normalize,
+    "learned_scale": _learned_scale,
+    "argmax": lambda e, n, x, out: e.add("ArgMax", x[:1], out, n.name, axis=n.attrs.dim, keepdims=int(n.attrs.keepdim)),
+    "select_at": _select_at,
+    "timestep_embedding": _timestep_embedding,
+    "rnn": _recurrent,
+    "lstm": _recurrent,
+    "gru": _recurrent,
+    "split": _split,
+    "graph_conv": _graph_conv,
+    "reparameterize": _unary("Identity"),  # inference artifact: the latent is the mean mu
     "permute": lambda e, n, x, out: e.add("Transpose", x[:1], out, n.name, perm=[d % n.inputs[0].type.rank for d in n.attrs.dims]),
     "slice": _slice,
     "mean": lambda e, n, x, out: e.add("ReduceMean", [x[0], e.const(n.name, "axes", np.array(n.attrs.dims, np.int64))], out, n.name, keepdims=int(n.attrs.keepdim)),

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import keyword
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from lbdlc.errors import SpecError
 from lbdlc.ir import Graph, Node, Value
 from lbdlc.ops.rules import pair
+
+from . import pytorch_blocks as blocks
 
 # (node, input variable names) -> (submodule constructor or None, forward expression).
 # A forward expression may use `{self}` for the node's submodule.
@@ -98,7 +101,8 @@ def _reshape(n, x):
 
 def _attention(n, x):
     a = n.attrs
-    args = _args(a.embed_dim, a.heads, causal=(a.causal, False), bias=(a.bias, True), dropout=(a.dropout, 0.0))
+    key_bias = None if a.key_bias == a.bias else a.key_bias  # written only where k_proj differs (Whisper)
+    args = _args(a.embed_dim, a.heads, causal=(a.causal, False), bias=(a.bias, True), dropout=(a.dropout, 0.0), key_bias=(key_bias, None))
     return f"MultiHeadAttention({args})", f"{{self}}({', '.join(x)})"
 
 
@@ -108,7 +112,7 @@ def _position_embedding(n, x):
 
 def _sinusoidal_position(n, x):
     a = n.attrs
-    args = _args(a.embedding_dim, max_positions=(a.max_positions, 4096), base=(a.base, 10000.0))
+    args = _args(a.embedding_dim, max_positions=(a.max_positions, 4096), base=(a.base, 10000.0), layout=(a.layout, "interleaved"))
     return f"SinusoidalPosition({args})", f"{{self}}({x[0]})"
 
 
@@ -157,7 +161,103 @@ def _slice(n, x):
     return None, f"{x[0]}[{':, ' * d}{bounds}]"
 
 
+def _split(n, x):
+    """x.chunk(parts, dim) or torch.split(x, sizes, dim): a tuple, unpacked into one variable per piece."""
+    a = n.attrs
+    if a.parts is not None:
+        return None, f"{x[0]}.chunk({a.parts}, dim={a.dim})"
+    return None, f"torch.split({x[0]}, {list(a.sizes)!r}, dim={a.dim})"
+
+
+def _graph_conv(n, x):
+    a = n.attrs
+    args = _args(a.in_features, a.out_features, bias=(a.bias, True), normalize=(a.normalize, False))
+    return f"GraphConv({args})", f"{{self}}({x[0]}, {x[1]})"
+
+
+def _adaptive_avg_pool2d(n, x):
+    oh, ow = pair(n.attrs.output_size)
+    return None, f"F.adaptive_avg_pool2d({x[0]}, {oh if oh == ow else (oh, ow)})"
+
+
+def _l2_normalize(n, x):
+    return None, f"F.normalize({_args(x[0], dim=(n.attrs.dim, 1), eps=(n.attrs.eps, 1e-12))})"
+
+
+def _learned_scale(n, x):
+    a = n.attrs
+    return f"LearnedScale({_args(init=(a.init, 1.0), log=(a.log, False))})", f"{{self}}({x[0]})"
+
+
+def _argmax(n, x):
+    return None, f"{x[0]}.argmax({_args(dim=(n.attrs.dim, None), keepdim=(n.attrs.keepdim, False))})"
+
+
+def _timestep_embedding(n, x):
+    a = n.attrs
+    args = _args(a.embedding_dim, max_period=(a.max_period, 10000.0), flip_sin_to_cos=(a.flip_sin_to_cos, False),
+                 downscale_freq_shift=(a.downscale_freq_shift, 1.0))
+    return f"TimestepEmbedding({args})", f"{{self}}({x[0]})"
+
+
+def _recurrent(module: str):
+    """nn.RNN / nn.LSTM / nn.GRU; the op's output is the module's `output` (the whole sequence of
+    last-layer hidden states), and batch_first is written out (torch.nn's default is false)."""
+
+    def emit(n, x):
+        a = n.attrs
+        extra = {"nonlinearity": (a.nonlinearity, "tanh")} if module == "RNN" else {}
+        args = _args(
+            a.input_size, a.hidden_size, num_layers=(a.num_layers, 1), **extra, bias=(a.bias, True),
+            batch_first=(a.batch_first, False), dropout=(a.dropout, 0.0), bidirectional=(a.bidirectional, False),
+        )
+        return f"nn.{module}({args})", f"{{self}}({x[0]})[0]"
+
+    return emit
+
+
+def _fused(core: Emitter) -> Emitter:
+    """fused_linear / fused_conv2d: the layer's module (nn.Linear / nn.Conv2d, so parameter
+    names stay those of the layer it came from), + residual, wrapped in the activation's call:
+    `F.gelu(self.c_fc(x), approximate='tanh')`, `F.relu(self.conv3(x) + identity)`."""
+
+    def emit(n, x):
+        from lbdlc.ops.fused import activation_node
+
+        module, expr = core(n, x[:1])
+        if len(x) > 1:
+            expr = f"{expr} + {x[1]}"
+        act = activation_node(n)
+        return module, expr if act is None else EMITTERS[act.op](act, [expr])[1]
+
+    return emit
+
+
+def _scaled_dot_product_attention(n, x):
+    a = n.attrs
+    dropout = f", dropout_p={a.dropout!r} if self.training else 0.0" if a.dropout else ""
+    causal = ", is_causal=True" if a.causal else ""
+    scale = f", scale={a.scale!r}" if a.scale is not None else ""
+    return None, f"F.scaled_dot_product_attention({', '.join(x)}{dropout}{causal}{scale})"
+
+
 EMITTERS: dict[str, Emitter] = {
+    "fused_linear": _fused(_linear),
+    "fused_conv2d": _fused(_conv("Conv2d")),
+    "scaled_dot_product_attention": _scaled_dot_product_attention,
+    "rnn": _recurrent("RNN"),
+    "lstm": _recurrent("LSTM"),
+    "gru": _recurrent("GRU"),
+    "adaptive_avg_pool2d": _adaptive_avg_pool2d,
+    "quick_gelu": lambda n, x: (None, f"{x[0]} * torch.sigmoid(1.702 * {x[0]})"),
+    "l2_normalize": _l2_normalize,
+    "learned_scale": _learned_scale,
+    "argmax": _argmax,
+    "select_at": lambda n, x: (None, f"{x[0]}[torch.arange({x[0]}.shape[0]), {x[1]}]"),
+    "timestep_embedding": _timestep_embedding,
+    "split": _split,
+    "graph_conv": _graph_conv,
+    "reparameterize": lambda n, x: (None, f"reparameterize({x[0]}, {x[1]}, self.training)"),
     "permute": lambda n, x: (None, f"{x[0]}.permute({', '.join(str(d) for d in n.attrs.dims)})"),
     "slice": _slice,
     "mean": lambda n, x: (None, f"{x[0]}.mean({_args(dim=(tuple(n.attrs.dims), None), keepdim=(n.attrs.keepdim, False))})"),
@@ -206,6 +306,75 @@ EMITTERS: dict[str, Emitter] = {
 # Helper classes some emitters construct (op name -> source), written once into model.py
 # when a graph uses that op, so the generated file stays standalone.
 SUPPORT: dict[str, str] = {
+    "learned_scale": '''
+class LearnedScale(nn.Module):
+    """Multiplies by one learned number: exp(weight) with log=True (CLIP's temperature, which
+    stays positive while training), else weight itself. `init` is the initial scale."""
+
+    def __init__(self, init: float = 1.0, log: bool = False) -> None:
+        super().__init__()
+        self.log = log
+        value = torch.tensor(init, dtype=torch.float64)
+        self.weight = nn.Parameter((value.log() if log else value).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.weight.exp() if self.log else self.weight)
+''',
+    "timestep_embedding": '''
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of timesteps (DDPM): [*] -> [*, dim] = [sin(t f), cos(t f)] with
+    f_i = max_period^(-i / (dim/2 - downscale_freq_shift)); [cos, sin] with flip_sin_to_cos."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1.0) -> None:
+        super().__init__()
+        half = dim // 2
+        i = torch.arange(half, dtype=torch.float64)
+        freqs = torch.exp(-torch.tensor(max_period, dtype=torch.float64).log() * i / (half - downscale_freq_shift))
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.register_buffer("freqs", freqs.float(), persistent=False)  # a constant: not in state_dict()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angle = t.float().unsqueeze(-1) * self.freqs
+        parts = [torch.cos(angle), torch.sin(angle)] if self.flip_sin_to_cos else [torch.sin(angle), torch.cos(angle)]
+        return torch.cat(parts, dim=-1)
+''',
+    "graph_conv": '''
+class GraphConv(nn.Module):
+    """Graph convolution (Kipf & Welling, 2017): adj @ (x W^T) + b.
+
+    x: [nodes, in] or [batch, nodes, in]; adj: [nodes, nodes] or [batch, nodes, nodes].
+    With normalize=True, adj is the raw adjacency A (non-negative, no self-loops) and the
+    layer uses D^-1/2 (A + I) D^-1/2, where D holds the row sums of A + I.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, normalize: bool = False) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        bound = in_features ** -0.5  # nn.Linear's initialisation
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # project the features first: [..., nodes, out]
+        if self.normalize:
+            # D^-1/2 (A + I) D^-1/2 y, without forming I: d * (A @ (d * y) + d * y)
+            d = (adj.sum(-1, keepdim=True) + 1).rsqrt()
+            y = d * (adj @ (d * y) + d * y)
+        else:
+            y = adj @ y
+        return y if self.bias is None else y + self.bias
+''',
+    "reparameterize": '''
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, training: bool) -> torch.Tensor:
+    """The VAE's latent: a sample mu + exp(logvar / 2) * eps, eps ~ N(0, 1), while training
+    (gradients reach mu and logvar through it); the mean mu at inference (eval mode)."""
+    if not training:
+        return mu
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+''',
     "cls_token": '''
 class ClsToken(nn.Module):
     """Prepends a learned token to a [batch, seq, dim] sequence."""
@@ -225,14 +394,16 @@ class MultiHeadAttention(nn.Module):
     With causal=True, query position i attends to key positions j <= i.
     """
 
-    def __init__(self, dim: int, heads: int, causal: bool = False, bias: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, causal: bool = False, bias: bool = True, dropout: float = 0.0, key_bias: bool | None = None
+    ) -> None:
         super().__init__()
         assert dim % heads == 0, "heads must divide dim"
         self.heads = heads
         self.causal = causal
         self.dropout = dropout
         self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias if key_bias is None else key_bias)  # Whisper: no key bias
         self.v_proj = nn.Linear(dim, dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
 
@@ -265,15 +436,21 @@ class PositionEmbedding(nn.Module):
     "sinusoidal_position": '''
 class SinusoidalPosition(nn.Module):
     """Fixed sine/cosine positions (Vaswani et al., 2017) added to a [batch, seq, dim] input:
-    pe[t, 2i] = sin(t / base^(2i/dim)), pe[t, 2i+1] = cos(t / base^(2i/dim))."""
+    pe[t, 2i] = sin(t / base^(2i/dim)), pe[t, 2i+1] = cos(t / base^(2i/dim)).
+    layout="sin_cos" (Whisper): pe[t] = [sin(t f), cos(t f)], f_i = base^(-i / (dim/2 - 1))."""
 
-    def __init__(self, dim: int, max_positions: int = 4096, base: float = 10000.0) -> None:
+    def __init__(self, dim: int, max_positions: int = 4096, base: float = 10000.0, layout: str = "interleaved") -> None:
         super().__init__()
         t = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1)
-        angle = t / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        pe = torch.zeros(max_positions, dim, dtype=torch.float64)
-        pe[:, 0::2] = torch.sin(angle)
-        pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
+        if layout == "sin_cos":
+            half = dim // 2
+            freqs = torch.exp(-torch.tensor(base, dtype=torch.float64).log() * torch.arange(half, dtype=torch.float64) / (half - 1))
+            pe = torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], dim=1)
+        else:
+            angle = t / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+            pe = torch.zeros(max_positions, dim, dtype=torch.float64)
+            pe[:, 0::2] = torch.sin(angle)
+            pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
         self.register_buffer("pe", pe.float(), persistent=False)  # a constant: not in state_dict()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,20 +458,22 @@ class SinusoidalPosition(nn.Module):
 ''',
 }
 
-_RESERVED = {"self", "torch", "nn", "F", "x"}
+_RESERVED = {"self", "torch", "nn", "F"}
 
 
 def class_name(graph: Graph) -> str:
     return "".join(p[:1].upper() + p[1:] for p in graph.name.split("_") if p) or "Model"
 
 
-def _variable_names(graph: Graph) -> dict[int, str]:
-    """`x` for a value that only feeds the next node (a chain reads like hand-written code);
-    the layer's own name for values that are reused later (skips, multiple outputs)."""
+def _variable_names(graph: Graph, chain: str = "x") -> dict[int, str]:
+    """`chain` (x) for a value that only feeds the next node (a chain reads like hand-written
+    code); the layer's own name for values that are reused later (skips, multiple outputs)."""
     users = graph.users()
     first = graph.nodes[0] if graph.nodes else None
-    # An input called `x` may keep its name only if the chain variable `x` never outlives it.
-    names = {id(v): "x" if v.name == "x" and users.get(id(v)) == [first] else _safe(v.name) for v in graph.inputs}
+    reserved = _RESERVED | {chain}
+    # An input called like the chain variable keeps its name only if the chain never outlives it.
+    names = {id(v): chain if v.name == chain and users.get(id(v)) == [first] else _safe(v.name, reserved)
+             for v in graph.inputs}
     outputs = [id(v) for v in graph.outputs]
     last = len(graph.nodes) - 1
     for i, node in enumerate(graph.nodes):
@@ -308,15 +487,15 @@ def _variable_names(graph: Graph) -> dict[int, str]:
                 and id(v) not in outputs
             )
             is_final = outputs == [id(v)] and i == last and not consumers
-            names[id(v)] = "x" if feeds_next or is_final else _safe(v.name)
+            names[id(v)] = chain if feeds_next or is_final else _safe(v.name, reserved)
     return names
 
 
-def _safe(name: str) -> str:
+def _safe(name: str, reserved: set[str] = _RESERVED | {"x"}) -> str:
     name = name.replace(".", "_")  # scoped names: layer1.0.residual -> layer1_0_residual
     if name[:1].isdigit():
         name = "_" + name
-    return name + "_" if keyword.iskeyword(name) or name in _RESERVED else name
+    return name + "_" if keyword.iskeyword(name) or name in reserved else name
 
 
 # Scoped layer names (`layer1.0.conv1`) become nested containers, so that state_dict keys
@@ -375,19 +554,77 @@ def _access(name: str, tree: dict) -> str:
     return path
 
 
-def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_version: str) -> str:
-    """The source of model.py."""
-    import torch.nn as nn
+# A pseudo-op of the outer module's view: one block instance, or a loop over a repetition.
+CALL = "<block call>"
 
-    module_attrs = set(dir(nn.Module))
-    var = _variable_names(graph)
+
+@dataclass(frozen=True)
+class _Call:
+    modules: tuple[tuple[str, str], ...]  # (dotted name, constructor) of each instance
+    loop: str | None = None  # loop variable, for a chained repetition
+    root: str | None = None  # the repetition's name (`h`), for a loop
+
+
+def _emit(node: Node, x: list[str]) -> tuple[str | None, str]:
+    if node.op not in EMITTERS:
+        raise SpecError(f"the PyTorch backend cannot emit op '{node.op}'", node.origin)
+    module, expr = EMITTERS[node.op](node, x)
+    if any(full != f"{node.name}.{local}" for local, full in node.params.items()):
+        module, expr = None, _tied_call(node, x)
+    return module, expr
+
+
+def _module_signature(module) -> list:
+    """What a built submodule is: types, configuration and parameter shapes, all the way down."""
+    simple = (int, float, bool, str, tuple, type(None))
+    return [
+        (name, type(m).__name__, m.extra_repr(),
+         sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, simple)),
+         [(k, tuple(t.shape)) for k, t in m.named_parameters(recurse=False)],
+         [(k, tuple(t.shape)) for k, t in m.named_buffers(recurse=False)])
+        for name, m in module.named_modules()
+    ]
+
+
+_NAMESPACE: dict = {}
+
+
+def _built(constructor: str, arguments: dict) -> list:
+    """Build a constructor expression of our own generated code on the meta device (no
+    memory), to check a block class against the flat code it replaces."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    if not _NAMESPACE:
+        _NAMESPACE.update(torch=torch, nn=nn, F=F)
+        for source in SUPPORT.values():
+            exec(source, _NAMESPACE)  # our own helper classes, as written into model.py
+    with torch.device("meta"):
+        return _module_signature(eval(constructor, _NAMESPACE, dict(arguments)))
+
+
+def _body(view: Graph, spec_file: str, module_attrs: set[str], chain: str = "x"):
+    """__init__ lines, forward lines and variable names of one module (the model or a block class)."""
+    var = _variable_names(view, chain)
+    taken = set(var.values())
     modules, forward_lines = [], []
-    for node in graph.nodes:
-        if node.op not in EMITTERS:
-            raise SpecError(f"the PyTorch backend cannot emit op '{node.op}'", node.origin)
-        module, expr = EMITTERS[node.op](node, [var[id(v)] for v in node.inputs])
-        if any(full != f"{node.name}.{local}" for local, full in node.params.items()):
-            module, expr = None, _tied_call(node, [var[id(v)] for v in node.inputs])
+    for node in view.nodes:
+        x = [var[id(v)] for v in node.inputs]
+        targets = ", ".join(var[id(v)] for v in node.outputs)
+        if node.op == CALL:
+            call: _Call = node.attrs
+            modules += list(call.modules)
+            if call.loop:
+                loop = call.loop if call.loop not in taken else call.loop + "_"
+                if targets != x[0]:
+                    forward_lines.append(f"{targets} = {x[0]}")
+                forward_lines.append(f"for {loop} in {{self:{call.root}}}:")
+                forward_lines.append(f"    {targets} = {loop}({', '.join([targets] + x[1:])})")
+            else:
+                forward_lines.append(f"{targets} = {{self:{call.modules[0][0]}}}({', '.join(x)})")
+            continue
+        module, expr = _emit(node, x)
         if module is not None:
             top = node.name.split(".")[0]
             if top in module_attrs:
@@ -399,7 +636,6 @@ def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_versio
             where = f"  # {Path(spec_file).name}:{node.origin.line}" if node.origin else ""
             modules.append((node.name, f"{module}{where}" if "." not in node.name else module))
             expr = expr.replace("{self}", "{self:" + node.name + "}")  # filled once the tree is known
-        targets = ", ".join(var[id(v)] for v in node.outputs)
         forward_lines.append(f"{targets} = {expr}")
 
     tree = _module_tree(modules)
@@ -408,10 +644,74 @@ def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_versio
         for name, value in tree.items()
     ]
     forward_lines = [re.sub(r"\{self:([^}]+)\}", lambda m: _access(m.group(1), tree), line) for line in forward_lines]
+    return init_lines, forward_lines, var
+
+
+def _returns(count: int) -> str:
+    return "torch.Tensor" if count == 1 else "tuple[" + ", ".join(["torch.Tensor"] * count) + "]"
+
+
+def _class_source(cls: blocks.BlockClass, spec_file: str, module_attrs: set[str]) -> str:
+    markers = blocks.markers_for(cls)
+    view = blocks.relative_view(cls.instances[0], cls.exprs, markers)
+    first_users = view.users().get(id(view.inputs[0]), [])
+    chain = "x" if view.inputs[0].name == "x" and first_users == view.nodes[:1] else "h"
+    init_lines, forward_lines, var = _body(view, spec_file, module_attrs, chain)
+    init_lines = [blocks.fill(line, markers) for line in init_lines]
+    forward_lines = [blocks.fill_forward(line, markers) for line in forward_lines]
+    init_lines = [f"self.{name} = {name}" for name in blocks.forward_args(cls, forward_lines)] + init_lines
+    args = "".join(f", {name}: {kind}" for name, kind in cls.args)
+    signature = ", ".join(f"{var[id(v)]}: torch.Tensor" for v in view.inputs)
+    results = ", ".join(var[id(v)] for v in view.outputs)
+    where = f" ({Path(spec_file).name}:{cls.defined.line})" if cls.defined else ""
+    scope = cls.instances[0].scope
+    what = f"The block `{scope.block}`" if scope and scope.block else f"One repetition of `{cls.instances[0].prefix.rsplit('.', 1)[0]}`"
+    doc = (cls.description or what) + where
+    body_init = "\n".join("        " + line for line in ["super().__init__()"] + init_lines)
+    body_forward = "\n".join("        " + line for line in forward_lines)
+    return (
+        f"class {cls.name}(nn.Module):\n"
+        f'    """{doc}"""\n\n'
+        f"    def __init__(self{args}) -> None:\n{body_init}\n\n"
+        f"    def forward(self, {signature}) -> {_returns(len(view.outputs))}:\n{body_forward}\n"
+        f"        return {results}\n\n\n"
+    )
+
+
+def _outer_view(graph: Graph, plan: blocks.Plan) -> Graph:
+    """The model's own graph with each block instance (or chained repetition) as one call."""
+    starts = {inst.start: inst for inst in plan.instances}
+    nodes, i = [], 0
+    while i < len(graph.nodes):
+        inst = starts.get(i)
+        if inst is None:
+            nodes.append(graph.nodes[i])
+            i += 1
+            continue
+        members = plan.loops.get(id(inst), [inst])
+        modules = tuple((m.prefix, blocks.class_constructor(plan.class_of[id(m)], m)) for m in members)
+        root = inst.prefix.rsplit(".", 1)[0] if len(members) > 1 else None
+        loop = None
+        if root is not None:
+            last = root.split(".")[-1]
+            singular = last[:-1] if last.endswith("s") else ""
+            loop = singular if singular.isidentifier() and not keyword.iskeyword(singular) else "block"
+        nodes.append(Node(CALL, inst.prefix, list(members[0].inputs), list(members[-1].outputs), _Call(modules, loop, root)))
+        i = members[-1].start + len(members[-1].nodes)
+    return Graph(graph.name, graph.inputs, nodes, graph.outputs, graph.params)
+
+
+def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_version: str) -> str:
+    """The source of model.py."""
+    import torch.nn as nn
+
+    module_attrs = set(dir(nn.Module))
+    cls = class_name(graph)
+    support_classes = set(re.findall(r"^class (\w+)", "\n".join(SUPPORT.values()), re.M))
+    plan = blocks.plan(graph, _emit, _built, {cls, "Model"} | support_classes)
+    init_lines, forward_lines, var = _body(_outer_view(graph, plan), spec_file, module_attrs)
     signature = ", ".join(f"{var[id(v)]}: torch.Tensor" for v in graph.inputs)
     results = [var[id(v)] for v in graph.outputs]
-    returns = "torch.Tensor" if len(results) == 1 else "tuple[" + ", ".join(["torch.Tensor"] * len(results)) + "]"
-    cls = class_name(graph)
     shapes = "\n".join(f"        {v.name}: {v.type} {v.type.dtype}" for v in graph.inputs)
     out_shapes = "\n".join(f"        {v.name}: {v.type} {v.type.dtype}" for v in graph.outputs)
     body_init = "\n".join("        " + line for line in init_lines) or "        pass"
@@ -419,6 +719,7 @@ def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_versio
     title = f"{cls}: {description}" if description else cls
     used = sorted({n.op for n in graph.nodes if n.op in SUPPORT})
     support = "".join(SUPPORT[op].strip() + "\n\n\n" for op in used)
+    block_classes = "".join(_class_source(c, spec_file, module_attrs) for c in plan.classes)
     return f'''"""{title}
 
 Generated by lbdlc {lbdlc_version} from {Path(spec_file).name}. Needs only PyTorch.
@@ -431,7 +732,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-{support}class {cls}(nn.Module):
+{support}{block_classes}class {cls}(nn.Module):
     """Inputs:
 {shapes}
     Outputs:
@@ -442,7 +743,7 @@ from torch import nn
         super().__init__()
 {body_init}
 
-    def forward(self, {signature}) -> {returns}:
+    def forward(self, {signature}) -> {_returns(len(results))}:
 {body_forward}
         return {", ".join(results)}
 

@@ -148,7 +148,7 @@ def _sinusoidal_position(L, n, x, p):
     from lbdlc.ops.attention import sinusoidal_table
 
     a = n.attrs
-    return _add_positions(L, n, x, relax.const(sinusoidal_table(a.max_positions, a.embedding_dim, a.base)))
+    return _add_positions(L, n, x, relax.const(sinusoidal_table(a.max_positions, a.embedding_dim, a.base, a.layout)))
 
 
 def _attention(L, n, x, p):
@@ -301,7 +301,221 @@ def _slice(L, n, x, p):
     return L.emit(_R().strided_slice(x[0], axes=[d], begin=[L.prim(begin)], end=[L.prim(end)], strides=[a.step], assume_inbound=True))
 
 
+def _split(L, n, x, p):
+    """R.split at the pieces' start offsets (or into equal sections); one Relax value per output."""
+    from tvm import relax
+
+    from lbdlc.ops.tensor import split_sizes
+
+    a, t = n.attrs, n.inputs[0].type
+    sizes = split_sizes(a, t)
+    if a.parts is not None:
+        where = a.parts
+    else:
+        where = [sum(sizes[:k]) for k in range(1, len(sizes))]
+    pieces = L.emit(_R().split(x[0], where, axis=axis(a.dim, t.rank)))
+    return [L.emit(relax.TupleGetItem(pieces, k)) for k in range(len(sizes))]
+
+
+def _graph_conv(L, n, x, p):
+    """adj @ (x W^T) + b; with normalize, d * (A @ (d * y) + d * y), d = rsqrt(rowsum(A) + 1)."""
+    from tvm import relax
+
+    R, adj = _R(), x[1]
+    y = L.emit(R.linear(x[0], p["weight"]))
+    if n.attrs.normalize:
+        rows = L.emit(R.sum(adj, axis=[-1], keepdims=True))
+        d = L.emit(R.rsqrt(L.emit(R.add(rows, relax.const(1.0, "float32")))))
+        dy = L.emit(R.multiply(d, y))
+        y = L.emit(R.multiply(d, L.emit(R.add(L.emit(R.matmul(adj, dy)), dy))))
+    else:
+        y = L.emit(R.matmul(adj, y))
+    return L.emit(R.add(y, p["bias"])) if "bias" in p else y
+
+
+def _f32(value):
+    from tvm import relax
+
+    return relax.const(np.array(value, np.float32))
+
+
+def _quick_gelu(L, n, x, p):
+    R = _R()
+    return L.emit(R.multiply(x[0], L.emit(R.sigmoid(L.emit(R.multiply(x[0], _f32(1.702)))))))
+
+
+def _l2_normalize(L, n, x, p):
+    """x / max(sqrt(sum(x·x)), eps), as F.normalize."""
+    R, a = _R(), n.attrs
+    d = axis(a.dim, n.inputs[0].type.rank)
+    norm = L.emit(R.sqrt(L.emit(R.sum(L.emit(R.multiply(x[0], x[0])), axis=[d], keepdims=True))))
+    return L.emit(R.divide(x[0], L.emit(R.maximum(norm, _f32(a.eps)))))
+
+
+def _learned_scale(L, n, x, p):
+    scale = L.emit(_R().exp(p["weight"])) if n.attrs.log else p["weight"]
+    return L.emit(_R().multiply(x[0], scale))
+
+
+def _select_at(L, n, x, p):
+    R = _R()
+    return L.emit(R.gather_nd(x[0], L.emit(R.expand_dims(x[1], [-1])), batch_dims=1))
+
+
+def _timestep_embedding(L, n, x, p):
+    from tvm import relax
+
+    from lbdlc.ops.multimodal import timestep_frequencies
+
+    R, a = _R(), n.attrs
+    t = x[0] if n.inputs[0].type.dtype == "float32" else L.emit(R.astype(x[0], "float32"))
+    freqs = relax.const(timestep_frequencies(a.embedding_dim // 2, a.max_period, a.downscale_freq_shift))
+    angle = L.emit(R.multiply(L.emit(R.expand_dims(t, [-1])), freqs))
+    sin, cos = L.emit(R.sin(angle)), L.emit(R.cos(angle))
+    return L.emit(R.concat([cos, sin] if a.flip_sin_to_cos else [sin, cos], axis=-1))
+
+
+def _recurrence_te(pre, w_hh, b_hh, *, op: str, hidden: int, reverse: bool, relu: bool = False):
+    """One layer, one direction of an RNN/LSTM/GRU over a sequence of any (symbolic) length, as
+    a TE extern whose TIR body is a serial loop over time (the way TVM's own cumsum is written).
+    Relax itself has no loop op, only recursion through `If`, and its ops' shapes could not
+    grow with the step; an unrolled loop would need a fixed sequence length.
+
+    pre: [batch, seq, G·H] = x W_ih^T + b_ih, computed beforehand for all steps by one matmul.
+    Each step: hid = h W_hh^T + b_hh (PyTorch's gate order), then the gates and the new state.
+    Outputs: the states [batch, seq, H], and scratch buffers for h, hid (and c for the LSTM).
+    """
+    from tvm import te, tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    batch, seq, rows = pre.shape
+    H = hidden
+
+    def sigmoid(v):
+        return 1.0 / (1.0 + tirx.exp(-v))
+
+    def body(ins, outs):
+        pre_, w, bias = (T.buffer_proxy(b) for b in ins)
+        y, h, hid, *cell = (T.buffer_proxy(b) for b in outs)
+        zero = tirx.const(0.0, pre.dtype)
+        with IRBuilder() as ib:
+            with T.serial(0, 1):  # a parent frame for the statements below (it is simplified away)
+                with T.parallel(0, batch * H) as i:
+                    h[i // H, i % H] = zero
+                    if cell:
+                        cell[0][i // H, i % H] = zero
+                with T.serial(0, seq) as step:
+                    t = seq - 1 - step if reverse else step
+                    with T.parallel(0, batch * rows) as i:
+                        b, j = i // rows, i % rows
+                        hid[b, j] = bias[j]
+                        with T.serial(0, H) as k:
+                            hid[b, j] = hid[b, j] + w[j, k] * h[b, k]
+                    with T.parallel(0, batch * H) as i:
+                        b, j = i // H, i % H
+
+                        def gate(g):  # input and hidden parts of gate block g
+                            return pre_[b, t, g * H + j], hid[b, g * H + j]
+
+                        if op == "lstm":
+                            c = cell[0]
+                            i_, f, g, o = (sum(gate(k)) for k in range(4))
+                            c[b, j] = sigmoid(f) * c[b, j] + sigmoid(i_) * tirx.tanh(g)
+                            h[b, j] = sigmoid(o) * tirx.tanh(c[b, j])
+                        elif op == "gru":
+                            r, z = sigmoid(sum(gate(0))), sigmoid(sum(gate(1)))
+                            x_n, h_n = gate(2)
+                            n = tirx.tanh(x_n + r * h_n)
+                            h[b, j] = (1.0 - z) * n + z * h[b, j]
+                        else:
+                            v = sum(gate(0))
+                            h[b, j] = tirx.Max(v, zero) if relu else tirx.tanh(v)
+                        y[b, t, j] = h[b, j]
+            return ib.get()
+
+    shapes = [(batch, seq, H), (batch, H), (batch, rows)] + ([(batch, H)] if op == "lstm" else [])
+    return te.extern(shapes, [pre, w_hh, b_hh], body, dtype=[pre.dtype] * len(shapes), name=f"{op}_recurrence")
+
+
+def _recurrent(L, n, x, p):
+    """Per layer and direction: one matmul for the input projections of all steps, then the
+    recurrence (`_recurrence_te`); directions concatenated on the feature axis, as PyTorch."""
+    from tvm import relax
+
+    R, a = _R(), n.attrs
+    rows = {"rnn": 1, "lstm": 4, "gru": 3}[n.op] * a.hidden_size
+    y = x[0] if a.batch_first else L.emit(R.permute_dims(x[0], [1, 0, 2]))
+    for layer in range(a.num_layers):
+        outs = []
+        for suffix in ("", "_reverse")[: 2 if a.bidirectional else 1]:
+            pre = L.emit(R.linear(y, p[f"weight_ih_l{layer}{suffix}"], p.get(f"bias_ih_l{layer}{suffix}")))
+            b_hh = p.get(f"bias_hh_l{layer}{suffix}", relax.const(np.zeros(rows, n.inputs[0].type.dtype)))
+            states = L.emit(L.bb.call_te(
+                _recurrence_te, pre, p[f"weight_hh_l{layer}{suffix}"], b_hh, op=n.op, hidden=a.hidden_size,
+                reverse=bool(suffix), relu=getattr(a, "nonlinearity", "tanh") == "relu",
+                primfunc_name_hint=f"{n.op}_recurrence",
+            ))
+            outs.append(L.emit(relax.TupleGetItem(states, 0)))
+        y = outs[0] if len(outs) == 1 else L.emit(R.concat(outs, axis=2))
+    return y if a.batch_first else L.emit(R.permute_dims(y, [1, 0, 2]))
+
+
+def _fused(core: Emitter) -> Emitter:
+    """fused_linear / fused_conv2d: the layer, + residual, activation; FuseOps puts the
+    elementwise tail into the matmul's or the convolution's PrimFunc."""
+
+    def emit(L, n, x, p):
+        from lbdlc.ops.fused import activation_node
+
+        y = core(L, n, x[:1], p)
+        if len(x) > 1:
+            y = L.emit(_R().add(y, x[1]))
+        act = activation_node(n)
+        return y if act is None else EMITTERS[act.op](L, act, [y], {})
+
+    return emit
+
+
+def _scaled_dot_product_attention(L, n, x, p):
+    """R.nn.attention on [batch, seq, heads, head_dim]: the leading dims of q, k, v become one
+    batch dim and a single head (a reshape, no data movement), and the result is reshaped back."""
+    from tvm import tirx
+
+    from lbdlc.ops.fused import default_scale
+
+    R, a = _R(), n.attrs
+    lead = n.inputs[0].type.shape[:-2]
+    batch = L.prim(numel_of(lead)) if lead else 1
+    q, k, v = (L.emit(R.reshape(t, [batch, L.prim(v_.type.shape[-2]), 1, L.prim(v_.type.shape[-1])]))
+               for t, v_ in zip(x, n.inputs))
+    y = L.emit(R.nn.attention(q, k, v, scale=tirx.FloatImm("float32", default_scale(n)), causal_mask="TopLeft" if a.causal else None))
+    return L.emit(R.reshape(y, [L.prim(d) for d in n.outputs[0].type.shape]))
+
+
+def numel_of(shape):
+    from lbdlc.ir import numel
+
+    return numel(shape)
+
+
 EMITTERS: dict[str, Emitter] = {
+    "fused_linear": _fused(_linear),
+    "fused_conv2d": _fused(_conv2d),
+    "scaled_dot_product_attention": _scaled_dot_product_attention,
+    "rnn": _recurrent,
+    "lstm": _recurrent,
+    "gru": _recurrent,
+    "adaptive_avg_pool2d": lambda L, n, x, p: L.emit(_R().nn.adaptive_avg_pool2d(x[0], tuple(pair(n.attrs.output_size)), layout="NCHW")),
+    "quick_gelu": _quick_gelu,
+    "l2_normalize": _l2_normalize,
+    "learned_scale": _learned_scale,
+    "argmax": lambda L, n, x, p: L.emit(_R().argmax(x[0], axis=axis(n.attrs.dim, n.inputs[0].type.rank), keepdims=n.attrs.keepdim)),
+    "select_at": _select_at,
+    "timestep_embedding": _timestep_embedding,
+    "split": _split,  # several outputs: returns a list, one per IR output
+    "graph_conv": _graph_conv,
+    "reparameterize": lambda L, n, x, p: x[0],  # inference artifact: the latent is the mean mu
     "permute": lambda L, n, x, p: L.emit(_R().permute_dims(x[0], [d % n.inputs[0].type.rank for d in n.attrs.dims])),
     "slice": _slice,
     "mean": lambda L, n, x, p: L.emit(_R().mean(x[0], axis=[axis(d, n.inputs[0].type.rank) for d in n.attrs.dims], keepdims=n.attrs.keepdim)),
@@ -373,7 +587,11 @@ def to_relax(graph: Graph):
                     raise SpecError(f"the TVM backend cannot emit op '{node.op}'", node.origin)
                 local = {k: param_vars[full] for k, full in node.params.items() if full in param_vars}
                 try:
-                    env[id(node.outputs[0])] = EMITTERS[node.op](L, node, [env[id(v)] for v in node.inputs], local)
+                    result = EMITTERS[node.op](L, node, [env[id(v)] for v in node.inputs], local)
+                    if len(node.outputs) > 1:  # multi-output ops (split) return one value per output
+                        env.update((id(v), r) for v, r in zip(node.outputs, result))
+                    else:
+                        env[id(node.outputs[0])] = result
                 except ValueError as exc:
                     raise SpecError(f"the TVM backend cannot emit layer '{node.name}': {exc}", node.origin) from None
             results = [env[id(v)] for v in graph.outputs]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from . import ops
 from .errors import Note, SpecError, did_you_mean
+from .ir import SpecScope
 from .expr import ExprError, has_expression, substitute
 from .source import Loc, LocDict, LocList
 from .spec import BlockDef, ParamDecl, SourceSpec
@@ -77,6 +78,7 @@ class Expander:
         self.layers = LocList()
         self.layers.loc, self.layers.item_locs = raw.value_locs["layers"], []
         self.block_stack: list[str] = []
+        self.scopes: dict[str, SpecScope] = {}  # name prefix -> the block use or repeat behind it
         self.vars = self._evaluate_vars()
 
     # -- values -------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class Expander:
             raise SpecError(f"`repeat` is a positive whole number, got {count!r}", item.value_locs["repeat"],
                             hint="e.g. `repeat: 6` or `repeat: ${n_layers}`")
         repeated = Scope(f"{scope.prefix}{name}.", parent=scope)
+        self.scopes[scope.prefix + name] = SpecScope(repeat=count)
         entry = Entry(scope=repeated)
         scope.entries[name] = entry
         current = inputs
@@ -253,6 +256,9 @@ class Expander:
                 notes=[Note("the block is defined here", self.raw["blocks"].key_locs[block_name])],
             )
         inner = Scope(f"{scope.prefix}{name}.", parent=scope, closed=True)
+        self.scopes[scope.prefix + name] = SpecScope(
+            block=block_name, params=tuple((p, params[p]) for p in block.params), inputs=tuple(block.inputs),
+            description=block.description, defined=self.raw["blocks"].key_locs[block_name])
         for input_name, value in zip(block.inputs, inputs):
             inner.entries[input_name] = Entry(output=value)
         entry = Entry(scope=inner)
@@ -325,6 +331,9 @@ class Expander:
         if scope is None:
             if ref.text in all_names:  # a full scoped name: stage2.0.conv1
                 return ref.text
+            owner, _, index = ref.text.rpartition(".")
+            if index.isdigit() and owner in all_names:  # one output of a multi-output layer, by full name
+                return ref.text
             visible = ref.scope.visible()
             raise SpecError(f"no layer or input named '{head}'" + ("" if not rest else f" (in '{ref.text}')"), ref.loc,
                             hint=did_you_mean(head, visible) or ("names here: " + ", ".join(visible)))
@@ -332,6 +341,9 @@ class Expander:
         for k, part in enumerate(rest):
             if k == len(rest) - 1 and part in entry.outputs:
                 return entry.outputs[part]
+            if k == len(rest) - 1 and part.isdigit() and entry.scope is None and entry.output is not None:
+                # One output of a multi-output layer (`split_1.0`); lowering checks that it exists.
+                return f"{self.resolve(entry.output, all_names)}.{part}"
             if entry.scope is None or part not in entry.scope.entries:
                 inside = list(entry.outputs) + (list(entry.scope.entries) if entry.scope else [])
                 raise SpecError(f"'{'.'.join([head] + rest[:k])}' has nothing named '{part}'", ref.loc,
@@ -362,8 +374,13 @@ def expand(raw: LocDict, source: SourceSpec) -> LocDict:
         if resolved == [previous]:
             del layer["in"]
             layer.key_locs.pop("in"), layer.value_locs.pop("in")
-        else:
-            layer["in"] = resolved[0] if len(resolved) == 1 else resolved
+        elif len(resolved) == 1:
+            layer["in"] = resolved[0]
+        else:  # keep each name's position, so that errors about one input point at it
+            written = LocList(resolved)
+            written.loc = layer.value_locs["in"]
+            written.item_locs = [r.loc if isinstance(r, Ref) and r.loc else written.loc for r in layer["in"]]
+            layer["in"] = written
         previous = layer["name"]
 
     flat = LocDict()
@@ -382,4 +399,8 @@ def expand(raw: LocDict, source: SourceSpec) -> LocDict:
         outputs.append(ex.resolve(last, all_names))
         outputs.loc, outputs.item_locs = raw.loc, [raw.loc]
     flat["outputs"], flat.key_locs["outputs"], flat.value_locs["outputs"] = outputs, raw.key_locs.get("outputs", raw.loc), outputs.loc
+    if "train" in raw:  # the training protocol: `vars` and `${...}` evaluated, positions kept
+        flat["train"] = ex.value(raw["train"], ex.vars, raw.value_locs["train"])
+        flat.key_locs["train"], flat.value_locs["train"] = raw.key_locs["train"], raw.value_locs["train"]
+    flat.scopes = ex.scopes  # not spec data: what lowering records as Graph.scopes
     return flat

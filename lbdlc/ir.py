@@ -124,6 +124,21 @@ class Node:
     origin: Loc | None = None
 
 
+@dataclass(frozen=True)
+class SpecScope:
+    """Where a spec's structure put a group of nodes: a block use (`layer2.0`, a use of block
+    `bottleneck`) or a repetition (`h`, repeated 12 times). Backends that mirror the spec's
+    structure (the PyTorch code's block classes and loops) read it; nothing else depends on it,
+    and a pass that moves nodes across scopes may leave it stale (backends re-check it)."""
+
+    block: str | None = None  # the block's name, for a block use
+    params: tuple[tuple[str, Any], ...] = ()  # the block's parameter values at this use
+    inputs: tuple[str, ...] = ()  # the block's input names
+    description: str | None = None
+    defined: Loc | None = None  # where the block is defined
+    repeat: int = 0  # for a repetition: how many times
+
+
 @dataclass(eq=False)
 class Graph:
     name: str
@@ -131,6 +146,7 @@ class Graph:
     nodes: list[Node]
     outputs: list[Value]
     params: dict[str, Param]
+    scopes: dict[str, SpecScope] = field(default_factory=dict)  # name prefix -> what made it
 
     def inference_params(self) -> list[str]:
         """Parameter names an inference artifact reads, in graph order (the TVM argument order)."""

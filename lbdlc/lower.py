@@ -67,10 +67,11 @@ def lower(loaded: Loaded, strict: bool = False) -> Graph:
     wiring = _wiring(spec, names, inputs[0].name, env, raw)
     nodes: list[Node] = []
     params: dict[str, Param] = {}
+    produced: dict[str, Node] = {}  # layer name -> its node, to explain reads of multi-output layers
     for i in _topological_order(names, wiring, raw):
         layer, name, path = spec.layers[i], names[i], ("layers", i)
         origin = loc_of(raw, path)
-        in_values = [env[ref][0] for ref in wiring[i]]
+        in_values = [_read(ref, env, produced, names[i], raw, i, k) for k, ref in enumerate(wiring[i])]
         op = ops.get(layer.op)
         _check_arity(op, in_values, raw, path)
         in_types = [v.type for v in in_values]
@@ -93,13 +94,18 @@ def lower(loaded: Loaded, strict: bool = False) -> Graph:
             params[full] = Param.named(full, pd)
             node.params[local] = full
         nodes.append(node)
+        produced[name] = node
         for v in outputs:
             env[v.name] = (v, origin)
 
-    outputs = _outputs(spec, env, nodes[-1].outputs[0], raw)
-    graph = Graph(loaded.name, inputs, nodes, outputs, params)
+    outputs = _outputs(spec, env, produced, nodes[-1].outputs[0], raw)
+    graph = Graph(loaded.name, inputs, nodes, outputs, params, dict(getattr(raw, "scopes", {})))
     loaded.warnings = _check_unused(graph, raw, strict)
     graph.verify()
+    if getattr(spec, "train", None) is not None:  # the training protocol against the graph
+        from .training.check import plan
+
+        plan(loaded, graph)
     return graph
 
 
@@ -173,17 +179,54 @@ def _wiring(spec, names: list[str], first_input: str, env, raw) -> list[list[str
             continue
         refs = [layer.in_] if isinstance(layer.in_, str) else layer.in_
         for k, ref in enumerate(refs):
-            if ref not in known:
+            if ref not in known and _indexed(ref, names) is None:
                 raise SpecError(f"no layer or input named '{ref}'", _in_loc(raw, i, k),
                                 hint=did_you_mean(ref, sorted(known)) or ("defined: " + ", ".join(sorted(known))))
         wiring.append(list(refs))
     return wiring
 
 
+def _indexed(ref: str, names) -> str | None:
+    """The layer that `ref` names one output of (`split_1` for `split_1.0`), if it is one."""
+    head, _, k = ref.rpartition(".")
+    return head if head and k.isdigit() and head in names else None
+
+
+def _read(ref: str, env, produced: dict[str, Node], name: str, raw, i: int, k: int) -> Value:
+    """The value a layer reads; a multi-output layer is read as `<layer>.<k>`."""
+    if ref in env:
+        return env[ref][0]
+    where, trail = _in_loc(raw, i, k), trail_notes(raw, ("layers", i))
+    if ref in produced:  # a layer with several outputs, read without saying which
+        node = produced[ref]
+        outs = ", ".join(v.name for v in node.outputs)
+        raise SpecError(
+            f"layer '{name}' reads '{ref}', which has {len(node.outputs)} outputs ({node.op}); it must name one",
+            where, hint=f"read one of them, e.g. `in: {ref}.0` (its outputs: {outs})",
+            notes=[Note(f"'{ref}' is defined here", node.origin)] + trail,
+        )
+    error = _index_error(ref, produced, where)
+    error.notes += trail
+    raise error
+
+
+def _index_error(ref: str, produced: dict[str, Node], where) -> SpecError:
+    """`name.k` where layer `name` has no output k (or only one output, read as `name`)."""
+    head = ref.rpartition(".")[0]
+    node = produced[head]
+    note = [Note(f"'{head}' is defined here", node.origin)]
+    if len(node.outputs) == 1:
+        return SpecError(f"'{head}' has one output; there is no '{ref}'", where, hint=f"read it as '{head}'", notes=note)
+    outs = ", ".join(v.name for v in node.outputs)
+    return SpecError(f"'{head}' has {len(node.outputs)} outputs, {outs}; there is no '{ref}'", where,
+                     hint=f"read one of {outs}", notes=note)
+
+
 def _topological_order(names: list[str], wiring: list[list[str]], raw) -> list[int]:
     """Layers in dependency order, written order among independent ones; cycles are errors."""
     index = {n: i for i, n in enumerate(names)}
-    deps = [{index[r] for r in refs if r in index} for refs in wiring]
+    producer = lambda ref: index.get(ref, index.get(_indexed(ref, index)))  # noqa: E731 (`split_1.0`: split_1)
+    deps = [{producer(r) for r in refs} - {None} for refs in wiring]
     order, done = [], set()
     remaining = list(range(len(names)))
     while remaining:
@@ -240,11 +283,16 @@ def _shape_error(exc: ops.ShapeError, layer, name, in_values, env, raw, path) ->
     )
 
 
-def _outputs(spec, env, last: Value, raw) -> list[Value]:
+def _outputs(spec, env, produced, last: Value, raw) -> list[Value]:
     if spec.outputs is None:
         return [last]
     values = []
     for k, ref in enumerate(spec.outputs):
+        if ref in produced and ref not in env:  # a layer with several outputs: all of them, in order
+            values += produced[ref].outputs
+            continue
+        if _indexed(ref, produced) is not None and ref not in env:
+            raise _index_error(ref, produced, loc_of(raw, ("outputs", k)))
         if ref not in env:
             raise SpecError(
                 f"no layer or input named '{ref}'",

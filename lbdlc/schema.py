@@ -19,11 +19,24 @@ _WIRING = {
 }
 
 
+def _items_may_be_expressions(prop: dict) -> dict:
+    """List items may be expressions too (`size: ["${h}", "${w}"]`), at any depth."""
+    prop = dict(prop)
+    if isinstance(prop.get("items"), dict):
+        prop["items"] = {"anyOf": [_items_may_be_expressions(prop["items"]), EXPRESSION]}
+    if isinstance(prop.get("prefixItems"), list):
+        prop["prefixItems"] = [{"anyOf": [_items_may_be_expressions(p), EXPRESSION]} for p in prop["prefixItems"]]
+    if isinstance(prop.get("anyOf"), list):
+        prop["anyOf"] = [_items_may_be_expressions(p) for p in prop["anyOf"]]
+    return prop
+
+
 def _op_layer(name: str, defs: dict) -> dict:
     schema = layer_model(name).model_json_schema(ref_template="#/$defs/{model}")
     defs.update(schema.pop("$defs", {}))
     for key, prop in schema["properties"].items():
         if key not in ("op", "name", "in"):
+            prop = _items_may_be_expressions(prop)
             schema["properties"][key] = {"anyOf": [prop, EXPRESSION], **({"default": prop["default"]} if "default" in prop else {})}
     schema["properties"].update({k: v for k, v in _WIRING.items() if k in ("repeat", "when")})
     schema["properties"]["name"] = _WIRING["name"]
@@ -66,6 +79,9 @@ def json_schema() -> dict:
         "required": ["shape"],
         "additionalProperties": False,
     }
+    from .training.schema import json_schema as train_schema
+
+    root["properties"]["train"] = train_schema(defs, EXPRESSION)  # the training protocol
     # A spec that extends another may leave inputs and layers to its base.
     root["required"] = [k for k in root.get("required", []) if k not in ("inputs", "layers")]
     root["if"] = {"not": {"required": ["extends"]}}

@@ -35,6 +35,8 @@ def init_param(p: Param, seed: int) -> torch.Tensor:
         return torch.zeros(p.shape, dtype=dtype)
     if kind == "ones":
         return torch.ones(p.shape, dtype=dtype)
+    if kind == "constant":  # one value, rounded once from float64 (CLIP's ln(1/0.07))
+        return torch.full(p.shape, p.init.arg("value"), dtype=torch.float64).to(dtype)
     gen = _generator(seed, p.name)
     if kind == "uniform":
         bound = p.init.arg("bound")

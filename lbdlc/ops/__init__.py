@@ -74,4 +74,6 @@ def get(name: str) -> Op:
 
 
 # The built-in op families register themselves on import.
-from . import attention, conv, elementwise, linear, norm, sequence, shape, spatial, tensor  # noqa: E402,F401
+from . import attention, conv, elementwise, graph, latent, linear, norm, recurrent, sequence, shape, spatial, tensor  # noqa: E402,F401
+from . import multimodal, vision  # noqa: E402,F401
+from . import fused  # noqa: E402,F401  (the fusion passes' ops: fused_linear, fused_conv2d, scaled_dot_product_attention)

@@ -5,6 +5,8 @@ Layout is batch first throughout: [batch, seq, dim]. The sequence length is usua
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt
 
@@ -13,13 +15,19 @@ from . import Op, OpAttrs, ShapeError, register
 from .linear import uniform_fan_in
 from .rules import check_declared, expect_rank
 
-def sinusoidal_table(max_positions: int, dim: int, base: float = 10000.0) -> np.ndarray:
+def sinusoidal_table(max_positions: int, dim: int, base: float = 10000.0, layout: str = "interleaved") -> np.ndarray:
     """pe[t, 2i] = sin(t / base^(2i/dim)), pe[t, 2i+1] = cos(t / base^(2i/dim)), as float32.
 
+    layout "sin_cos" (tensor2tensor, Whisper's encoder): pe[t] = [sin(t·f), cos(t·f)] with
+    f_i = base^(-i / (dim/2 - 1)), i < dim/2.
     Computed in float64 and rounded once, the way the generated PyTorch module does it, so
     every backend holds the same table.
     """
     t = np.arange(max_positions, dtype=np.float64)[:, None]
+    if layout == "sin_cos":
+        half = dim // 2
+        angle = t * np.exp(-np.log(base) * np.arange(half, dtype=np.float64) / (half - 1))
+        return np.concatenate([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
     angle = t / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     pe = np.zeros((max_positions, dim), dtype=np.float64)
     pe[:, 0::2] = np.sin(angle)
@@ -91,6 +99,17 @@ class SinusoidalPosition(_Positions):
         max_positions: PositiveInt = 4096  # rows of the constant table the artifacts carry
         embedding_dim: PositiveInt | None = None  # the input's last dim, inferred when left out
         base: PositiveFloat = 10000.0
+        layout: Literal["interleaved", "sin_cos"] = "interleaved"  # sin_cos: [sin | cos] halves (Whisper)
+
+    def resolve(self, a, ins):
+        a = super().resolve(a, ins)
+        if a.layout == "sin_cos" and (a.embedding_dim % 2 or a.embedding_dim < 4):
+            raise ShapeError(
+                f"layout sin_cos needs an even embedding_dim of at least 4 (half sines, half cosines), "
+                f"got {a.embedding_dim}",
+                field="layout", hint="use layout: interleaved for this width",
+            )
+        return a
 
 
 @register
@@ -112,6 +131,7 @@ class Attention(Op):
         causal: bool = False
         bias: bool = True
         dropout: float = Field(0.0, ge=0.0, lt=1.0)
+        key_bias: bool | None = None  # k_proj's bias; follows `bias` when left out (Whisper: false)
 
     def resolve(self, a, ins):
         q = ins[0]
@@ -142,7 +162,7 @@ class Attention(Op):
         p = {}
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             p[f"{proj}.weight"] = ParamDef(square, init)
-            if a.bias:
+            if (a.key_bias if proj == "k_proj" and a.key_bias is not None else a.bias):
                 p[f"{proj}.bias"] = ParamDef((a.embed_dim,), init)
         return p
 
@@ -152,6 +172,8 @@ class Attention(Op):
         per_token = 2 * dim * dim + (dim if a.bias else 0)  # one projection of one token
         rows_q, rows_kv = numel(q.shape[:-1]), numel(kv.shape[:-1])  # batch·seq, batch·seq_kv
         projections = per_token * (2 * rows_q + 2 * rows_kv)  # q and out; k and v
+        if a.key_bias is not None and a.key_bias != a.bias:  # k_proj's bias differs from the others'
+            projections += (dim if a.key_bias else -dim) * rows_kv
         pairs = rows_q * kv.shape[1]  # batch·seq·seq_kv query-key pairs (causal counted in full)
         scores_and_mix = 2 * 2 * dim * pairs  # QK^T and PV over all heads
         softmax = 6 * heads * pairs  # scale, max, exp, sum, divide

@@ -1,11 +1,13 @@
-"""Tensor plumbing: reordering all dimensions (permute) and slicing a range along one dimension.
+"""Tensor plumbing: reordering all dimensions (permute), slicing a range along one dimension,
+and splitting a tensor into pieces (split, the one op with several outputs).
 
 Related ops live with their families: transpose/select/cls_token in sequence.py, mean and
 matmul in shape.py, silu/softplus/log_softmax/mul in elementwise.py.
 """
 from __future__ import annotations
 
-from pydantic import Field
+import sympy
+from pydantic import Field, PositiveInt
 
 from ..ir import Dim, TensorType, as_dim
 from . import Op, OpAttrs, ShapeError, register
@@ -92,3 +94,56 @@ def slice_bounds(a, n: Dim, x: TensorType | None = None) -> tuple[Dim, Dim, Dim]
         raise ShapeError(f"step={a.step} on {what} gives a length that depends on the symbolic size {n}",
                          field="step", hint="use step 1 there, or give start and end from the same side")
     return begin, end, length
+
+
+@register
+class Split(Op):
+    """Cut a tensor along one dimension into pieces of the given `sizes` or into `parts` equal
+    pieces; one output per piece, read as `<layer>.0`, `<layer>.1`, ... (torch.split)."""
+
+    name = "split"
+
+    class Attrs(OpAttrs):
+        dim: int = 1  # like concat: channels by default
+        sizes: list[PositiveInt] | None = Field(None, min_length=2)
+        parts: int | None = Field(None, ge=2)
+
+    def resolve(self, a, ins):
+        if (a.sizes is None) == (a.parts is None):
+            raise ShapeError("split needs either `sizes` (a list) or `parts` (a count), not both" if a.sizes else
+                             "split needs `sizes` (a list of sizes) or `parts` (a number of equal pieces)",
+                             field="sizes" if a.sizes else None, hint="e.g. `sizes: [16, 16]` or `parts: 2`")
+        return a
+
+    def infer(self, a, ins):
+        x = ins[0]
+        d = axis(a.dim, x.rank)
+        return [TensorType(x.shape[:d] + (size,) + x.shape[d + 1 :], x.dtype) for size in split_sizes(a, x)]
+
+
+def split_sizes(a, x: TensorType) -> list[Dim]:
+    """The size of each piece of a split layer along its dimension; they add up to its size.
+    `parts` may divide a symbolic size (2·batch into two pieces of batch); `sizes` needs a fixed one."""
+    d = axis(a.dim, x.rank)
+    n = x.shape[d]
+    if a.parts is not None:
+        piece = as_dim(sympy.expand(sympy.sympify(n) / a.parts))
+        if isinstance(n, int):
+            divides = n % a.parts == 0
+        else:
+            symbols = sorted(piece.free_symbols, key=str) if not isinstance(piece, int) else []
+            divides = isinstance(piece, int) or (
+                piece.is_polynomial(*symbols) and all(c.is_integer for c in sympy.Poly(piece, *symbols).coeffs())
+            )
+        if not divides:
+            raise ShapeError(f"parts={a.parts} does not divide dim {a.dim} of {x} (size {n})", field="parts",
+                             hint="split a dimension whose size is a multiple of the parts (e.g. 2*batch into 2)"
+                             if not isinstance(n, int) else f"use sizes that add up to {n}, e.g. `sizes: [...]`")
+        return [piece] * a.parts
+    if not isinstance(n, int):
+        raise ShapeError(f"sizes {a.sizes} must add up to dim {a.dim} of {x}, which is symbolic ({n})", field="sizes",
+                         hint="use `parts: N` to cut a symbolic dimension into N equal pieces")
+    if sum(a.sizes) != n:
+        raise ShapeError(f"sizes {a.sizes} add up to {sum(a.sizes)}, but dim {a.dim} of {x} has size {n}", field="sizes",
+                         hint=f"make them add up to {n}")
+    return list(a.sizes)
