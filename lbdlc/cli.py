@@ -128,6 +128,36 @@ def build(
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    spec: Path = SpecArg,
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Build directory (default: out/<spec name>); the run goes to <output>/run."),
+    overrides: list[str] = SetOpt,
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Train for this many optimizer steps instead of the spec's length."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Train for this many epochs instead."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (default: the spec's `train.seed`)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes for data-parallel training (torchrun --nproc_per_node)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <output>/run/checkpoint."),
+    strict: bool = StrictOpt,
+) -> None:
+    """Build a spec's model.py and train.py (PyTorch backend), then run train.py: exit 0 when training finished, 1 when it failed."""
+    from .lower import load
+    from .training.run import TrainOptions, prepare, run
+
+    try:
+        out_dir = output or Path("out") / load(spec, overrides).name
+        result = prepare(spec, out_dir, tuple(overrides), strict)
+    except (SpecError, SpecErrors) as exc:
+        _fail(exc)
+    _warn(result.warnings)
+    out.print(f"built {result.manifest['model']['name']} -> {out_dir}; running train.py", markup=False)
+    code = run(out_dir, TrainOptions(steps=steps, epochs=epochs, seed=seed, device=device, nproc=nproc, resume=resume))
+    if code != 0:
+        err.print(f"train.py failed (exit status {code})", markup=False)
+        raise typer.Exit(1)
+
+
 def _verified(out_dir: Path, backends: tuple[str, ...], tolerance: float) -> bool:
     """Invariant 1 on this build: every backend computes what the generated module computes."""
     from .verify import compare, random_inputs, run_pytorch

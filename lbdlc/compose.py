@@ -178,6 +178,10 @@ def _allowed_unwritten(node: LocDict, raw: LocDict) -> list[str]:
     if isinstance(op, str) and isinstance(blocks, dict) and isinstance(blocks.get(op), dict):
         params = blocks[op].get("params") or {}
         return list(params) + ["name", "in", "repeat"]
+    from .training.schema import allowed_unwritten
+
+    if allowed_unwritten(node, raw):  # a mapping inside `train:`: its options
+        return allowed_unwritten(node, raw)
     if node is raw:
         from .spec import source_keys
 

@@ -147,6 +147,11 @@ def _write_artifacts(loaded: Loaded, graph: Graph, weights: dict, tmp: Path, opt
         from .backends import pytorch
 
         artifacts += pytorch.write(graph, tmp, str(loaded.path), description, __version__)
+        if getattr(loaded.spec, "train", None) is not None:  # the training protocol: train.py
+            from .backends import train_script
+            from .training.check import plan
+
+            artifacts += train_script.write(plan(loaded, graph), tmp, graph.name, __version__)
     if "onnx" in options.backends:
         from .backends import onnx as onnx_backend
 

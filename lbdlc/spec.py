@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from . import ops
 from .errors import SpecError, SpecErrors, did_you_mean
 from .source import LocDict, key_loc, loc_of, node_at
+from .training.schema import TrainSpec
 
 LANGUAGE_VERSION = 1
 
@@ -69,6 +70,7 @@ def _spec_model(op_names: tuple[str, ...]) -> type[BaseModel]:
         inputs: dict[Identifier, InputSpec] = Field(min_length=1)
         layers: list[layer_union] = Field(min_length=1)  # type: ignore[valid-type]
         outputs: list[ScopedName] | None = None  # defaults to the last layer
+        train: TrainSpec | None = None  # the training protocol (lbdlc/training/schema.py)
 
     return Spec
 
@@ -136,6 +138,10 @@ def _check_version(raw: LocDict, file: str) -> None:
 
 
 def _located(err: dict, raw: LocDict, model) -> SpecError:
+    if tuple(err["loc"])[:1] == ("train",):
+        from .training.schema import located_error
+
+        return located_error(err, raw)
     path, kind, msg = tuple(err["loc"]), err["type"], err["msg"]
     where = _describe(path, raw)
     error = _located_error(err, path, kind, msg, where, raw, model)
@@ -279,6 +285,7 @@ class SourceSpec(StrictModel):
     inputs: dict[Identifier, dict[str, Any]] = Field(min_length=1)
     layers: list[dict[str, Any]] = Field(min_length=1)
     outputs: list[ScopedName] | None = None
+    train: dict[str, Any] | None = None  # validated after expansion (lbdlc/training/schema.py)
 
 
 def source_keys() -> list[str]:

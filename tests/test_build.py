@@ -25,7 +25,7 @@ def lenet_build(tmp_path_factory):
 
 def test_artifacts_and_manifest(lenet_build):
     files = sorted(p.name for p in lenet_build.iterdir())
-    assert files == ["manifest.json", "model.onnx", "model.py", "model.tvm.so", "weights.safetensors"]
+    assert files == ["manifest.json", "model.onnx", "model.py", "model.tvm.so", "train.py", "weights.safetensors"]  # train.py: lenet.yaml has `train:`
     manifest = json.loads((lenet_build / "manifest.json").read_text())
     spec_text = (SPECS / "lenet.yaml").read_bytes()
     assert manifest["spec"]["sha256"] == hashlib.sha256(spec_text).hexdigest()
