@@ -5,15 +5,15 @@ reported there, naming both shapes and the line that produced the incoming tenso
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from . import ops
 from .errors import Note, SpecError, SpecErrors, did_you_mean
-from .ir import Graph, Node, Param, TensorType, Value, as_dim, symbol
-from .source import Loc, LocDict, loc_of
+from .ir import Graph, Init, Node, Param, TensorType, Value, as_dim, symbol
+from .source import Loc, LocDict, key_loc, loc_of
 from .ops.rules import check_input_kind
 from .spec import attrs_of, parse_spec, trail_notes
 
@@ -85,6 +85,7 @@ def lower(loaded: Loaded, strict: bool = False) -> Graph:
             raise _shape_error(exc, layer, name, in_values, env, raw, path) from None
         outputs = [Value(name if len(out_types) == 1 else f"{name}.{k}", t) for k, t in enumerate(out_types)]
         node = Node(layer.op, name, in_values, outputs, attrs, origin=origin)
+        param_defs = _initialised(layer, param_defs, raw, path)
         tied = _tied(layer, param_defs, params, raw, path)
         for local, pd in param_defs.items():
             if local in tied:
@@ -107,6 +108,17 @@ def lower(loaded: Loaded, strict: bool = False) -> Graph:
 
         plan(loaded, graph)
     return graph
+
+
+def _initialised(layer, param_defs: dict, raw, path) -> dict:
+    """`init: {weight: {kind: normal, std: 0.02}}`: the layer's own initialisers."""
+    out = dict(param_defs)
+    for local, spec in (layer.init or {}).items():
+        if local not in param_defs:
+            raise SpecError(f"{layer.op} has no parameter '{local}' to initialise", key_loc(raw, path + ("init", local)) or loc_of(raw, path + ("init",)),
+                            hint=did_you_mean(local, param_defs) or (f"its parameters: {', '.join(param_defs)}" if param_defs else f"{layer.op} has no parameters"))
+        out[local] = replace(param_defs[local], init=Init(spec.kind, spec.args()))
+    return out
 
 
 def _tied(layer, param_defs, params: dict[str, Param], raw, path) -> dict[str, str]:

@@ -11,7 +11,7 @@ import typing
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, create_model, model_validator
 
 from . import ops
 from .errors import SpecError, SpecErrors, did_you_mean
@@ -37,6 +37,32 @@ class InputSpec(StrictModel):
     dtype: DType = "float32"
 
 
+class InitSpec(StrictModel):
+    """How to initialise one parameter of a layer, replacing the op's default (PyTorch's)."""
+
+    kind: Literal["normal", "uniform", "zeros", "ones", "constant"]
+    std: PositiveFloat = 1.0  # normal
+    mean: float = 0.0  # normal
+    bound: PositiveFloat | None = None  # uniform: U(-bound, bound)
+    value: float | None = None  # constant
+
+    @model_validator(mode="after")
+    def _arguments_fit_the_kind(self):
+        needs = {"uniform": "bound", "constant": "value"}.get(self.kind)
+        if needs and getattr(self, needs) is None:
+            raise ValueError(f"init kind '{self.kind}' needs `{needs}`")
+        given = {k for k in self.model_fields_set if k != "kind"}
+        allowed = {"normal": {"std", "mean"}, "uniform": {"bound"}, "constant": {"value"}}.get(self.kind, set())
+        if given - allowed:
+            raise ValueError(f"init kind '{self.kind}' takes no `{sorted(given - allowed)[0]}`"
+                             + (f" (it takes {', '.join(sorted(allowed))})" if allowed else ""))
+        return self
+
+    def args(self) -> tuple:
+        return {"normal": (("std", self.std), ("mean", self.mean)), "uniform": (("bound", self.bound),),
+                "constant": (("value", self.value),)}.get(self.kind, ())
+
+
 class LayerBase(StrictModel):
     """What every layer has besides its op's own attributes."""
 
@@ -45,6 +71,8 @@ class LayerBase(StrictModel):
     # Weight tying: this layer's parameter (key) is another layer's (value, a full name), e.g.
     # a language-model head sharing the token embedding: `tie: {weight: wte.weight}`.
     tie: dict[str, ScopedName] | None = None
+    # Initialisers by local parameter name, e.g. GPT-2's `init: {weight: {kind: normal, std: 0.02}}`.
+    init: dict[str, InitSpec] | None = None
 
 
 @lru_cache(maxsize=None)
