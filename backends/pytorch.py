@@ -186,7 +186,7 @@ def _l2_normalize(n, x):
 
 def _learned_scale(n, x):
     a = n.attrs
-    return f"LearnedScale({_args(init=(a.init, 1.0), log=(a.log, False))})", f"{{self}}({x[0]})"
+    return f"LearnedScale({_args(scale=(a.scale, 1.0), log=(a.log, False))})", f"{{self}}({x[0]})"
 
 
 def _argmax(n, x):
@@ -309,12 +309,12 @@ SUPPORT: dict[str, str] = {
     "learned_scale": '''
 class LearnedScale(nn.Module):
     """Multiplies by one learned number: exp(weight) with log=True (CLIP's temperature, which
-    stays positive while training), else weight itself. `init` is the initial scale."""
+    stays positive while training), else weight itself. `scale` is the initial scale."""
 
-    def __init__(self, init: float = 1.0, log: bool = False) -> None:
+    def __init__(self, scale: float = 1.0, log: bool = False) -> None:
         super().__init__()
         self.log = log
-        value = torch.tensor(init, dtype=torch.float64)
+        value = torch.tensor(scale, dtype=torch.float64)
         self.weight = nn.Parameter((value.log() if log else value).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

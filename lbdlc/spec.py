@@ -78,6 +78,9 @@ class LayerBase(StrictModel):
 @lru_cache(maxsize=None)
 def layer_model(op_name: str) -> type[BaseModel]:
     op = ops.get(op_name)
+    clash = set(op.Attrs.model_fields) & (set(LayerBase.model_fields) | {"in", "repeat", "when", "layers"})
+    if clash:  # an op attribute would shadow a key every layer has (`init`, `tie`, `name`)
+        raise ValueError(f"op '{op_name}' has an attribute named like a layer key: {sorted(clash)[0]}")
     return create_model(
         "".join(p.capitalize() for p in op_name.split("_")) + "Layer",
         __base__=(op.Attrs, LayerBase),

@@ -201,10 +201,10 @@ def test_timestep_embedding_shift_needs_two_frequencies(cli, write_spec):
     assert "too few for downscale_freq_shift=1.0" in located(err, path, 9, "2,")
 
 
-def test_learned_scale_log_needs_a_positive_init(cli, write_spec):
-    path = write_spec(HEAD + "  - {name: s, op: learned_scale, init: 0, log: true, in: x}\n")
+def test_learned_scale_log_needs_a_positive_scale(cli, write_spec):
+    path = write_spec(HEAD + "  - {name: s, op: learned_scale, scale: 0, log: true, in: x}\n")
     err = check_fails(cli, path)
-    assert "init=0.0 has no logarithm" in located(err, path, 9, "0,")
+    assert "scale=0.0 has no logarithm" in located(err, path, 9, "0,")
 
 
 def test_select_at_needs_integer_positions(cli, write_spec):

@@ -50,27 +50,27 @@ class L2Normalize(Op):
 
 def scale_parameter(a) -> float:
     """The initial value of learned_scale's parameter: the scale, or its logarithm with `log`."""
-    return math.log(a.init) if a.log else a.init
+    return math.log(a.scale) if a.log else a.scale
 
 
 @register
 class LearnedScale(Op):
     """x · s with one learned scalar s; with `log: true` the parameter is ln(s), s = exp(weight) (CLIP's temperature).
 
-    `init` is the initial scale s (CLIP: 1/0.07, so the parameter starts at ln(1/0.07)).
+    `scale` is the initial scale s (CLIP: 1/0.07, so the parameter starts at ln(1/0.07)).
     """
 
     name = "learned_scale"
     flops_per_element = 1
 
     class Attrs(OpAttrs):
-        init: float = 1.0  # the initial scale (not its logarithm)
+        scale: float = 1.0  # the initial scale (not its logarithm)
         log: bool = False  # store ln(scale): the scale stays positive while training
 
     def resolve(self, a, ins):
-        if a.log and a.init <= 0:
-            raise ShapeError(f"init={a.init} has no logarithm; with `log: true` the initial scale must be positive",
-                             field="init", hint="e.g. `init: ${1 / 0.07}` for CLIP's temperature")
+        if a.log and a.scale <= 0:
+            raise ShapeError(f"scale={a.scale} has no logarithm; with `log: true` the initial scale must be positive",
+                             field="scale", hint="e.g. `scale: ${1 / 0.07}` for CLIP's temperature")
         return a
 
     def params(self, a, ins):
