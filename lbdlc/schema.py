@@ -65,6 +65,10 @@ def json_schema() -> dict:
         "additionalProperties": False,
     }
     defs["Layer"] = {"anyOf": layer_refs + [{"$ref": "#/$defs/Group"}, {"$ref": "#/$defs/BlockUse"}]}
+    if "InitSpec" in defs:  # `init: {weight: {kind: normal, std: "${init_std}"}}`
+        props = defs["InitSpec"]["properties"]
+        for key in [k for k in props if k != "kind"]:
+            props[key] = {"anyOf": [props[key], EXPRESSION]}
 
     root = SourceSpec.model_json_schema(ref_template="#/$defs/{model}")
     defs.update(root.pop("$defs", {}))
