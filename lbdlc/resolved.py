@@ -19,8 +19,20 @@ def resolved_dict(loaded: Loaded) -> dict:
         {k: layer[k] for k in _FIRST if k in layer} | {k: v for k, v in layer.items() if k not in _FIRST}
         for layer in spec["layers"]
     ]
+    for layer in spec["layers"]:
+        if isinstance(layer.get("init"), dict):
+            layer["init"] = {p: _init_args(v) for p, v in layer["init"].items()}
     order = ["lbdlc", "name", "description", "inputs", "layers", "outputs"]
     return {k: spec[k] for k in order if k in spec} | {k: v for k, v in spec.items() if k not in order}
+
+
+def _init_args(init: dict) -> dict:
+    """An `init:` entry with the arguments its kind takes (a dump writes them all, and a
+    `zeros` initialiser given `std` would not load back)."""
+    from .spec import InitSpec
+
+    allowed = {k for k, _ in InitSpec.model_construct(**init).args()}
+    return {k: v for k, v in init.items() if k == "kind" or k in allowed}
 
 
 def _flow(value) -> str:
