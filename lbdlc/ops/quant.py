@@ -1,0 +1,63 @@
+"""Weight-only block-quantized layers (BOOK.md §4), created by the `quantize` pass."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import PositiveInt
+
+from ..ir import Init, ParamDef, TensorType, numel
+from . import Op, OpAttrs, ShapeError, register
+from .linear import uniform_fan_in
+from .rules import check_declared
+
+BLOCK = 32
+# Per format: bytes of codes per block and the zero point z in x̄ = d·(q − z) + m.
+CODE_BYTES = {"q8_0": 32, "q4_0": 16, "q4_1": 16}
+ZERO_POINT = {"q8_0": 128, "q4_0": 8, "q4_1": 0}
+
+
+@register
+class LinearQ(Op):
+    """y = x W̄^T + b with W̄ dequantized from blocks of 32 weights along each row:
+    W̄ = d·(q − z) + m (Q8_0: uint8 q = code + 128, z = 128; Q4_0: z = 8; Q4_1: z = 0 and a
+    minimum m per block). 4-bit codes are packed two per byte, weight 2k in the low nibble
+    and 2k + 1 in the high one (ONNX Runtime MatMulNBits' order); d and m are fp16."""
+
+    name = "linear_q"
+
+    class Attrs(OpAttrs):
+        out_features: PositiveInt
+        in_features: PositiveInt | None = None
+        bias: bool = True
+        format: Literal["q8_0", "q4_0", "q4_1"] = "q4_1"
+
+    def resolve(self, a, ins):
+        x = ins[0]
+        if x.rank < 1:
+            raise ShapeError(f"linear_q expects at least one dimension, got {x}")
+        if x.dtype != "float32":
+            raise ShapeError(f"linear_q takes float32 inputs, got {x.dtype}")
+        n = check_declared(a.in_features, x, -1, "in_features")
+        if n % BLOCK:
+            raise ShapeError(f"linear_q needs in_features divisible by the block size {BLOCK}, got {n}",
+                             field="in_features")
+        return a.model_copy(update={"in_features": n})
+
+    def infer(self, a, ins):
+        return [TensorType(ins[0].shape[:-1] + (a.out_features,), ins[0].dtype)]
+
+    def params(self, a, ins):
+        nb = a.in_features // BLOCK
+        zero = Init("zeros")
+        p = {
+            "qweight": ParamDef((a.out_features, nb, CODE_BYTES[a.format]), zero, dtype="uint8", buffer=True),
+            "scale": ParamDef((a.out_features, nb), Init("constant", (("value", 1.0 / 64),)), dtype="float16", buffer=True),
+        }
+        if a.format == "q4_1":
+            p["min"] = ParamDef((a.out_features, nb), zero, dtype="float16", buffer=True)
+        if a.bias:
+            p["bias"] = ParamDef((a.out_features,), uniform_fan_in(a.in_features))
+        return p
+
+    def flops(self, a, ins, outs):
+        return numel(outs[0].shape) * (2 * a.in_features + (1 if a.bias else 0))
