@@ -588,7 +588,67 @@ def _scaled_dot_product_attention(e, n, x, out):
     e.add("MatMul", [probs, v], out, s)
 
 
+def _linear_q(e, n, x, out):
+    """linear_q: com.microsoft MatMulNBits for Q4_0 and Q8_0 (inputs of rank 2 or 3); else
+    (Q4_1, whose minimum is no integer zero point) the weight dequantized in the graph (codes
+    split into nibbles with float arithmetic, W̄ = d·(q − z) + m), then Gemm or MatMul."""
+    a, s = n.attrs, n.name
+    from lbdlc.ops.quant import ZERO_POINT
+    nb = a.in_features // 32
+    if a.format in ("q4_0", "q8_0") and n.inputs[0].type.rank in (2, 3):
+        # ONNX Runtime's MatMulNBits reads these blocks as they are: codes low nibble first,
+        # scales [N, k_blocks], default zero point 2^(bits-1) (8 for Q4_0, 128 for Q8_0).
+        scales = e.add("Cast", [n.params["scale"]], e.temp(s, "scale"), s, to=TensorProto.FLOAT)
+        bits = 4 if a.format == "q4_0" else 8
+        y = out if "bias" not in n.params else e.temp(s, "matmul")
+        e.add("MatMulNBits", [x[0], n.params["qweight"], scales], y, s, domain="com.microsoft",
+              K=a.in_features, N=a.out_features, bits=bits, block_size=32)
+        if "bias" in n.params:
+            e.add("Add", [y, n.params["bias"]], out, s)
+        return
+    f32 = lambda v: e.const(s, "c", np.array(v, dtype=np.float32))  # noqa: E731
+    axes = e.const(s, "axes", np.array([-1], dtype=np.int64))
+    q = e.add("Cast", [n.params["qweight"]], e.temp(s, "codes"), s, to=TensorProto.FLOAT)
+    if a.format != "q8_0":
+        hi = e.add("Floor", [e.add("Div", [q, f32(16.0)], e.temp(s, "div"), s)], e.temp(s, "hi"), s)
+        lo = e.add("Sub", [q, e.add("Mul", [hi, f32(16.0)], e.temp(s, "mul"), s)], e.temp(s, "lo"), s)
+        pairs = e.add("Concat", [e.add("Unsqueeze", [lo, axes], e.temp(s, "lo1"), s), e.add("Unsqueeze", [hi, axes], e.temp(s, "hi1"), s)],
+                      e.temp(s, "pairs"), s, axis=-1)
+        q = e.add("Reshape", [pairs, e.const(s, "shape", np.array([a.out_features, nb, 32], np.int64))], e.temp(s, "q"), s)
+    w = e.add("Sub", [q, f32(ZERO_POINT[a.format])], e.temp(s, "centered"), s)
+    d = e.add("Cast", [n.params["scale"]], e.temp(s, "scale"), s, to=TensorProto.FLOAT)
+    w = e.add("Mul", [w, e.add("Unsqueeze", [d, axes], e.temp(s, "scale1"), s)], e.temp(s, "scaled"), s)
+    if "min" in n.params:
+        m = e.add("Cast", [n.params["min"]], e.temp(s, "min"), s, to=TensorProto.FLOAT)
+        w = e.add("Add", [w, e.add("Unsqueeze", [m, axes], e.temp(s, "min1"), s)], e.temp(s, "shifted"), s)
+    w = e.add("Reshape", [w, e.const(s, "shape", np.array([a.out_features, a.in_features], np.int64))], e.temp(s, "weight"), s)
+    b = [n.params["bias"]] if "bias" in n.params else []
+    if n.inputs[0].type.rank == 2:
+        e.add("Gemm", [x[0], w, *b], out, s, transB=1)
+        return
+    wt = e.add("Transpose", [w], e.temp(s, "weight_t"), s, perm=[1, 0])
+    if not b:
+        e.add("MatMul", [x[0], wt], out, s)
+        return
+    e.add("Add", [e.add("MatMul", [x[0], wt], e.temp(s, "matmul"), s), b[0]], out, s)
+
+
+def _lora_linear(e, n, x, out):
+    """lora_linear: the base linear (Gemm or MatMul), plus scale·(x Aᵀ) Bᵀ."""
+    s = n.name
+    base = e.temp(s, "base")
+    _linear(e, n, x, base)
+    at = e.add("Transpose", [n.params["lora_A.weight"]], e.temp(s, "lora_A_t"), s, perm=[1, 0])
+    bt = e.add("Transpose", [n.params["lora_B.weight"]], e.temp(s, "lora_B_t"), s, perm=[1, 0])
+    h = e.add("MatMul", [x[0], at], e.temp(s, "lora_down"), s)
+    d = e.add("MatMul", [h, bt], e.temp(s, "lora_up"), s)
+    d = e.add("Mul", [d, e.const(s, "lora_scale", np.array(n.attrs.scale, np.float32))], e.temp(s, "lora_scaled"), s)
+    e.add("Add", [base, d], out, s)
+
+
 EMITTERS: dict[str, Emitter] = {
+    "lora_linear": _lora_linear,
+    "linear_q": _linear_q,
     "fused_linear": _fused(_linear),
     "fused_conv2d": _fused(_conv2d),
     "scaled_dot_product_attention": _scaled_dot_product_attention,
@@ -679,7 +739,8 @@ def to_onnx(graph: Graph, weights: dict, opset: int = DEFAULT_OPSET) -> onnx.Mod
     )
     model = helper.make_model(
         onnx_graph,
-        opset_imports=[helper.make_opsetid("", opset)],
+        opset_imports=[helper.make_opsetid("", opset)]
+        + ([helper.make_opsetid("com.microsoft", 1)] if any(n.domain == "com.microsoft" for n in e.nodes) else []),
         producer_name="lbdlc",
         ir_version=IR_VERSION[opset],
     )

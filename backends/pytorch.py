@@ -241,7 +241,20 @@ def _scaled_dot_product_attention(n, x):
     return None, f"F.scaled_dot_product_attention({', '.join(x)}{dropout}{causal}{scale})"
 
 
+def _linear_q(n, x):
+    a = n.attrs
+    return f"LinearQ({a.in_features}, {a.out_features}, {a.format!r}{'' if a.bias else ', bias=False'})", f"{{self}}({x[0]})"
+
+
+def _lora_linear(n, x):
+    a = n.attrs
+    extra = ("" if a.bias else ", bias=False") + (f", dropout={a.dropout!r}" if a.dropout else "")
+    return f"LoRALinear({a.in_features}, {a.out_features}, r={a.r}, scale={a.scale!r}{extra})", f"{{self}}({x[0]})"
+
+
 EMITTERS: dict[str, Emitter] = {
+    "lora_linear": _lora_linear,
+    "linear_q": _linear_q,
     "fused_linear": _fused(_linear),
     "fused_conv2d": _fused(_conv("Conv2d")),
     "scaled_dot_product_attention": _scaled_dot_product_attention,
@@ -306,6 +319,53 @@ EMITTERS: dict[str, Emitter] = {
 # Helper classes some emitters construct (op name -> source), written once into model.py
 # when a graph uses that op, so the generated file stays standalone.
 SUPPORT: dict[str, str] = {
+    "lora_linear": '''
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank correction (LoRA):
+    y = x W^T + b + scale * B(A(dropout(x))), parameters named as PEFT names them."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+''',
+    "linear_q": '''
+class LinearQ(nn.Module):
+    """A linear layer whose weight is stored block-quantized (blocks of 32 along each row) and
+    dequantized on the fly: W = d * (q - z) + m. Formats: q8_0 (uint8 code + 128, z = 128),
+    q4_0 (two 4-bit codes a byte, low nibble first, z = 8), q4_1 (z = 0, fp16 minimum m)."""
+
+    ZERO_POINT = {"q8_0": 128, "q4_0": 8, "q4_1": 0}
+
+    def __init__(self, in_features: int, out_features: int, format: str = "q4_1", bias: bool = True) -> None:
+        super().__init__()
+        self.format = format
+        blocks, code_bytes = in_features // 32, 32 if format == "q8_0" else 16
+        self.register_buffer("qweight", torch.zeros(out_features, blocks, code_bytes, dtype=torch.uint8))
+        self.register_buffer("scale", torch.zeros(out_features, blocks, dtype=torch.float16))
+        if format == "q4_1":
+            self.register_buffer("min", torch.zeros(out_features, blocks, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.qweight
+        if self.format != "q8_0":
+            q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)
+        w = (q.float() - self.ZERO_POINT[self.format]) * self.scale.float().unsqueeze(-1)
+        if self.format == "q4_1":
+            w = w + self.min.float().unsqueeze(-1)
+        return w.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(), self.bias)
+''',
     "learned_scale": '''
 class LearnedScale(nn.Module):
     """Multiplies by one learned number: exp(weight) with log=True (CLIP's temperature, which
@@ -563,6 +623,57 @@ class _Call:
     modules: tuple[tuple[str, str], ...]  # (dotted name, constructor) of each instance
     loop: str | None = None  # loop variable, for a chained repetition
     root: str | None = None  # the repetition's name (`h`), for a loop
+    checkpointed: tuple[tuple[int, int], ...] = ()  # block ranges recomputed in backward (lbdlc.checkpointing)
+    note: str = ""  # where the spec asks for it
+
+
+def _checkpointed_loop(call: _Call, loop: str, target: str, extra: list[str], taken: set[str]) -> list[str]:
+    """A loop whose block ranges `call.checkpointed` run under torch.utils.checkpoint: their
+    activations are recomputed in backward; the other blocks run as a plain loop."""
+    n, args, ranges = len(call.modules), ", ".join([target] + extra), list(call.checkpointed)
+    start, stop = ("start", "stop") if not {"start", "stop"} & taken else ("start_", "stop_")
+
+    def part(a: int, b: int) -> str:  # the slice of the ModuleList
+        return "" if (a, b) == (0, n) else f"[{a}:{b}]" if a and b < n else f"[{a}:]" if a else f"[:{b}]"
+
+    lines, pos = [], 0
+    while pos < n:
+        run = []
+        while ranges and ranges[0][0] == pos:
+            run.append(ranges.pop(0))
+            pos = run[-1][1]
+        if run and all(b == a + 1 for a, b in run):  # one block per checkpoint
+            if len(run) == 1:
+                lines.append(f"{target} = checkpoint({{self:{call.root}}}[{run[0][0]}], {args}, use_reentrant=False)  # {call.note}")
+            else:
+                lines.append(f"for {loop} in {{self:{call.root}}}{part(run[0][0], run[-1][1])}:  # {call.note}")
+                lines.append(f"    {target} = checkpoint({loop}, {args}, use_reentrant=False)")
+        elif len(run) == 1:
+            a, b = run[0]
+            lines.append(f"{target} = checkpoint(run_blocks, {{self:{call.root}}}{part(a, b)}, {args}, use_reentrant=False)  # {call.note}")
+        elif run:
+            pairs = ", ".join(f"({a}, {b})" for a, b in run)
+            lines.append(f"for {start}, {stop} in ({pairs}):  # {call.note}")
+            lines.append(f"    {target} = checkpoint(run_blocks, {{self:{call.root}}}[{start}:{stop}], {args}, use_reentrant=False)")
+        if run:
+            continue
+        end = ranges[0][0] if ranges else n
+        lines.append(f"for {loop} in {{self:{call.root}}}{part(pos, end)}:")
+        lines.append(f"    {target} = {loop}({args})")
+        pos = end
+    return lines
+
+
+CHECKPOINT_SUPPORT = '''
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    """The blocks in order, each reading the previous one's output (and the same `args`).
+    Under torch.utils.checkpoint only the inputs are kept for backward, and the blocks'
+    activations are recomputed when backward reaches them (the random state of dropout is
+    replayed, so the gradients are those of the plain loop)."""
+    for block in blocks:
+        x = block(x, *args)
+    return x
+'''
 
 
 def _emit(node: Node, x: list[str]) -> tuple[str | None, str]:
@@ -619,6 +730,9 @@ def _body(view: Graph, spec_file: str, module_attrs: set[str], chain: str = "x")
                 loop = call.loop if call.loop not in taken else call.loop + "_"
                 if targets != x[0]:
                     forward_lines.append(f"{targets} = {x[0]}")
+                if call.checkpointed:
+                    forward_lines += _checkpointed_loop(call, loop, targets, x[1:], taken)
+                    continue
                 forward_lines.append(f"for {loop} in {{self:{call.root}}}:")
                 forward_lines.append(f"    {targets} = {loop}({', '.join([targets] + x[1:])})")
             else:
@@ -678,8 +792,9 @@ def _class_source(cls: blocks.BlockClass, spec_file: str, module_attrs: set[str]
     )
 
 
-def _outer_view(graph: Graph, plan: blocks.Plan) -> Graph:
-    """The model's own graph with each block instance (or chained repetition) as one call."""
+def _outer_view(graph: Graph, plan: blocks.Plan, checkpointed: dict | None = None, note: str = "") -> Graph:
+    """The model's own graph with each block instance (or chained repetition) as one call;
+    `checkpointed`: repetition -> block ranges recomputed in backward."""
     starts = {inst.start: inst for inst in plan.instances}
     nodes, i = [], 0
     while i < len(graph.nodes):
@@ -696,20 +811,27 @@ def _outer_view(graph: Graph, plan: blocks.Plan) -> Graph:
             last = root.split(".")[-1]
             singular = last[:-1] if last.endswith("s") else ""
             loop = singular if singular.isidentifier() and not keyword.iskeyword(singular) else "block"
-        nodes.append(Node(CALL, inst.prefix, list(members[0].inputs), list(members[-1].outputs), _Call(modules, loop, root)))
+        ranges = tuple((checkpointed or {}).get(root, ())) if root is not None else ()
+        nodes.append(Node(CALL, inst.prefix, list(members[0].inputs), list(members[-1].outputs), _Call(modules, loop, root, ranges, note)))
         i = members[-1].start + len(members[-1].nodes)
     return Graph(graph.name, graph.inputs, nodes, graph.outputs, graph.params)
 
 
-def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_version: str) -> str:
-    """The source of model.py."""
+def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_version: str, checkpointing=None) -> str:
+    """The source of model.py; `checkpointing`: a lbdlc.checkpointing.Plan (blocks recomputed in backward)."""
     import torch.nn as nn
 
     module_attrs = set(dir(nn.Module))
     cls = class_name(graph)
     support_classes = set(re.findall(r"^class (\w+)", "\n".join(SUPPORT.values()), re.M))
     plan = blocks.plan(graph, _emit, _built, {cls, "Model"} | support_classes)
-    init_lines, forward_lines, var = _body(_outer_view(graph, plan), spec_file, module_attrs)
+    ranges = checkpointing.by_root() if checkpointing is not None else {}
+    where = f" ({Path(spec_file).name}:{checkpointing.line})" if ranges and checkpointing.line else ""
+    outer = _outer_view(graph, plan, ranges, f"recomputed in backward{where}")
+    init_lines, forward_lines, var = _body(outer, spec_file, module_attrs)
+    recomputed = [r for n in outer.nodes if n.op == CALL for r in n.attrs.checkpointed]
+    ckpt_import = "from torch.utils.checkpoint import checkpoint\n" if recomputed else ""
+    ckpt_support = CHECKPOINT_SUPPORT.strip() + "\n\n\n" if any(b > a + 1 for a, b in recomputed) else ""
     signature = ", ".join(f"{var[id(v)]}: torch.Tensor" for v in graph.inputs)
     results = [var[id(v)] for v in graph.outputs]
     shapes = "\n".join(f"        {v.name}: {v.type} {v.type.dtype}" for v in graph.inputs)
@@ -730,9 +852,9 @@ Generated by lbdlc {lbdlc_version} from {Path(spec_file).name}. Needs only PyTor
 import torch
 import torch.nn.functional as F
 from torch import nn
+{ckpt_import}
 
-
-{support}{block_classes}class {cls}(nn.Module):
+{support}{ckpt_support}{block_classes}class {cls}(nn.Module):
     """Inputs:
 {shapes}
     Outputs:
@@ -752,7 +874,7 @@ Model = {cls}
 '''
 
 
-def write(graph: Graph, out_dir: Path, spec_file: str, description: str | None, lbdlc_version: str) -> list[Path]:
+def write(graph: Graph, out_dir: Path, spec_file: str, description: str | None, lbdlc_version: str, checkpointing=None) -> list[Path]:
     path = out_dir / "model.py"
-    path.write_text(generate(graph, spec_file, description, lbdlc_version), encoding="utf-8")
+    path.write_text(generate(graph, spec_file, description, lbdlc_version, checkpointing), encoding="utf-8")
     return [path]

@@ -499,7 +499,40 @@ def numel_of(shape):
     return numel(shape)
 
 
+def _linear_q(L, n, x, p):
+    """linear_q: a dequantize (nibbles split, W̄ = d·(q − z) + m) feeding R.linear; the
+    dequantize depends on parameters only, so it is one fused elementwise kernel."""
+    R, a = _R(), n.attrs
+    from lbdlc.ops.quant import ZERO_POINT
+    nb = a.in_features // 32
+    from tvm import relax
+
+    f32 = lambda v: relax.const(np.float32(v), "float32")  # noqa: E731
+    q = L.emit(R.astype(p["qweight"], "float32"))
+    if a.format != "q8_0":
+        hi = L.emit(R.floor(R.divide(q, f32(16.0))))
+        lo = L.emit(R.subtract(q, R.multiply(hi, f32(16.0))))
+        q = L.emit(R.reshape(R.concat([R.expand_dims(lo, -1), R.expand_dims(hi, -1)], axis=-1), (a.out_features, nb, 32)))
+    w = L.emit(R.multiply(R.subtract(q, f32(float(ZERO_POINT[a.format]))), R.expand_dims(R.astype(p["scale"], "float32"), -1)))
+    if "min" in p:
+        w = L.emit(R.add(w, R.expand_dims(R.astype(p["min"], "float32"), -1)))
+    w = L.emit(R.reshape(w, (a.out_features, a.in_features)))
+    return L.emit(R.linear(x[0], w, p.get("bias")))
+
+
+def _lora_linear(L, n, x, p):
+    """lora_linear: R.linear for the base, plus scale·(x Aᵀ) Bᵀ."""
+    from tvm import relax
+
+    R = _R()
+    base = L.emit(R.linear(x[0], p["weight"], p.get("bias")))
+    up = L.emit(R.linear(L.emit(R.linear(x[0], p["lora_A.weight"])), p["lora_B.weight"]))
+    return L.emit(R.add(base, R.multiply(up, relax.const(np.float32(n.attrs.scale), "float32"))))
+
+
 EMITTERS: dict[str, Emitter] = {
+    "lora_linear": _lora_linear,
+    "linear_q": _linear_q,
     "fused_linear": _fused(_linear),
     "fused_conv2d": _fused(_conv2d),
     "scaled_dot_product_attention": _scaled_dot_product_attention,

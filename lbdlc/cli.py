@@ -107,6 +107,14 @@ def build(
     max_memory: Optional[str] = typer.Option(None, help="Refuse builds predicted to need more memory (e.g. 24GiB); default half the RAM."),
     verify: bool = typer.Option(False, "--verify", help="Run the built artifacts on random inputs and check they agree (exit 1 if not)."),
     tolerance: float = typer.Option(1e-4, help="With --verify: the largest max-abs difference allowed, relative to max(1, |output|)."),
+    check_reproducible: bool = typer.Option(False, "--check-reproducible", help="Build a second time into a temporary directory and compare every artifact byte for byte (exit 1 if any differs)."),
+    opt_level: Optional[int] = typer.Option(None, "-O", "--opt-level", min=0, max=3, help="Optimization level of the ONNX and TVM artifacts: -O0 none, -O1 clean-up (default), -O2 folding and fusion, -O3 -O2 plus clean-up."),
+    passes: list[str] = typer.Option([], "--passes", help="Run exactly these passes, in order (comma-separated or repeated); `lbdlc passes` lists them. Overrides -O and the spec's `compile:`."),
+    print_passes: bool = typer.Option(False, "--print-passes", help="Print the pass log: each pass with nodes, parameters and bytes before and after, its rewrites and time."),
+    quantize: Optional[str] = typer.Option(None, "-q", "--quantize", help="Weight-only block quantization of the linear layers: int8 (= q8_0), q8_0, q4_0 or q4_1; replaces the default of the spec's `quantize:`."),
+    target: list[str] = typer.Option([], "--target", "-t", help="Deploy target (repeatable): a preset (`lbdlc targets`; options after a colon: h100:fp16, arm64:so) or a TVM target as JSON; a bundle each in <output>/deploy/<target>. Replaces the spec's `deploy:`."),
+    tune: Optional[int] = typer.Option(None, "--tune", min=1, help="Tune each target's TVM library with MetaSchedule, N trials; the database is kept in <output>/tuning and reused while the graph is unchanged."),
+    static: list[str] = typer.Option([], "--static", help="Fix a symbolic dimension in the deploy libraries, NAME=SIZE (repeatable); --tune fixes each one, at 1 unless given."),
 ) -> None:
     """Compile a spec: model.py, weights.safetensors, model.onnx, a TVM library and manifest.json."""
     from .driver import BuildOptions, build as run_build, parse_size
@@ -115,7 +123,9 @@ def build(
     try:
         limit = parse_size(max_memory) if max_memory else None
         out_dir = output or Path("out") / load(spec, overrides).name
-        options = BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend), overrides=tuple(overrides), strict=strict, max_memory=limit)
+        options = BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend), overrides=tuple(overrides), strict=strict, max_memory=limit,
+                               passes=tuple(passes) if passes else None, level=opt_level, quantize=quantize,
+                               targets=tuple(target), tune=tune, static=tuple(static))
         result = run_build(spec, out_dir, options)
     except (SpecError, SpecErrors) as exc:
         _fail(exc)
@@ -124,6 +134,19 @@ def build(
     out.print(f"built {m['name']}: {_fmt_int(m['params'])} parameters -> {result.out_dir}", markup=False)
     for name, info in result.manifest["artifacts"].items():
         out.print(f"  {name:<22} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:12]}", markup=False)
+    if result.manifest.get("deploy"):
+        from .cli_deploy import print_bundles
+
+        print_bundles(result, out)
+    if print_passes:
+        from .cli_passes import print_pass_log
+
+        print_pass_log(result.optimized, out)
+    if check_reproducible:
+        from .cli_vcs import reproducible_report
+
+        if not reproducible_report(spec, result.out_dir, options):
+            raise typer.Exit(1)
     if verify and not _verified(result.out_dir, tuple(backend), tolerance):
         raise typer.Exit(1)
 
@@ -221,6 +244,12 @@ def version() -> None:
 
     for tool, v in tool_versions().items():
         out.print(f"{tool:<12} {v or 'not installed'}", markup=False)
+
+
+from . import cli_vcs  # noqa: E402,F401  (diff, fmt, git-setup, lock: specs in version control)
+from . import cli_passes  # noqa: E402,F401  (passes: the optimization passes and levels)
+from . import cli_merge  # noqa: E402,F401  (merge: task arithmetic / TIES on weight files)
+from . import cli_deploy  # noqa: E402,F401  (targets, run, bench: deployment targets and bundles)
 
 
 def main() -> None:

@@ -31,6 +31,12 @@ class BuildOptions:
     overrides: tuple[str, ...] = ()  # --set PATH=VALUE
     max_memory: int | None = None  # bytes a build may use; default half the machine's RAM
     strict: bool = False  # warnings (unused inputs or layers) become errors
+    passes: tuple[str, ...] | None = None  # --passes: the pass list (passes/pipeline.py), over -O and the spec
+    level: int | None = None  # -O: an optimization level 0..3, over the spec's `compile:`
+    quantize: str | None = None  # -q: int8 (= q8_0) | q8_0 | q4_0 | q4_1, over the spec's `quantize:` default
+    targets: tuple = ()  # --target: deploy targets (lbdlc/targets.py), over the spec's `deploy:`; a bundle each
+    tune: int | None = None  # --tune N: MetaSchedule trials for each target's TVM library (lbdlc/tune.py)
+    static: tuple[str, ...] = ()  # --static NAME=N: a symbolic dimension fixed in the deploy libraries
 
 
 @dataclass
@@ -40,6 +46,7 @@ class BuildResult:
     manifest: dict
     artifacts: list[Path] = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    optimized: object = None  # passes.pipeline.Optimized: the graphs the backends ran on, and the pass logs
 
 
 def sha256_file(path: Path) -> str:
@@ -75,25 +82,48 @@ def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         raise SpecError(f"unknown backend '{unknown[0]}'", hint=f"choose from {', '.join(BACKENDS)}")
     loaded = load(spec_path, options.overrides)
     graph = lower(loaded, options.strict)
+    from .lock import lock_warnings  # a lock file next to the spec that it no longer matches
+
+    loaded.warnings += lock_warnings(loaded, list(options.overrides))
     _check_memory(loaded, graph, options.max_memory)
     weights = load_checked(graph, options.weights) if options.weights else initialize(graph, options.seed)
+    from .passes.pipeline import choose, optimize
+
+    pipeline = choose(loaded, list(options.passes) if options.passes is not None else None, options.level)
+    from .passes.quantize import for_build  # weight-only quantization: -q, the spec's `quantize:`
+
+    quantized = for_build(loaded, graph, weights, options.quantize)
+    if quantized is None:
+        optimized = optimize(loaded, graph, weights, pipeline, options.backends)
+    else:
+        optimized = optimize(loaded, quantized[0], quantized[1], pipeline, options.backends)
+        optimized.log = quantized[2] + (optimized.log or [])
+        if getattr(loaded.spec, "train", None) is not None and "pytorch" in options.backends:
+            fp32 = optimize(loaded, graph, weights, pipeline, ("pytorch",))  # train.py trains model.py in fp32
+            optimized.pytorch_graph, optimized.pytorch_weights = fp32.pytorch_graph, fp32.pytorch_weights
+            optimized.pytorch_log, optimized.pytorch_mode = fp32.pytorch_log, fp32.pytorch_mode
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
     try:
-        artifacts = _write_artifacts(loaded, graph, weights, tmp, options)
-        manifest = _manifest(loaded, graph, options, tmp, artifacts)
+        artifacts = _write_artifacts(loaded, optimized, tmp, options)
+        manifest = _manifest(loaded, graph, options, tmp, artifacts, optimized)
+        if quantized is not None:  # per matrix: format, bits, bytes before/after, dequantized weight error
+            manifest["quantization"] = quantized[3]
+        from .bundle import write_bundles  # deploy targets: a self-contained bundle each, in deploy/ (lbdlc/bundle.py)
+
+        manifest.update(write_bundles(loaded, optimized, tmp, options, out_dir if out_dir.is_dir() else None))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     artifacts = [out_dir / p.name for p in artifacts] + [out_dir / "manifest.json"]
-    return BuildResult(out_dir, graph, manifest, artifacts, loaded.warnings)
+    return BuildResult(out_dir, graph, manifest, artifacts, loaded.warnings, optimized)
 
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1}
 # A build holds the weights about three times at its peak: the tensors, the ONNX protobuf,
 # and the serialised safetensors buffer.
 BUILD_COPIES = 3
@@ -136,7 +166,16 @@ def _check_memory(loaded: Loaded, graph: Graph, limit: int | None) -> None:
         )
 
 
-def _write_artifacts(loaded: Loaded, graph: Graph, weights: dict, tmp: Path, options: BuildOptions) -> list[Path]:
+INFERENCE_WEIGHTS = "weights.inference.safetensors"
+
+
+def _write_artifacts(loaded: Loaded, optimized, tmp: Path, options: BuildOptions) -> list[Path]:
+    """model.py (and train.py) from model.py's graph, whose weights are weights.safetensors;
+    ONNX and TVM from the inference graph. When passes rewrote weights the inference artifacts
+    read (batch-norm folding), those go to weights.inference.safetensors for the TVM library."""
+    from .passes.pipeline import separate_inference_weights
+
+    graph, weights = optimized.pytorch_graph, optimized.pytorch_weights
     from safetensors.torch import save_file
 
     weights_path = tmp / "weights.safetensors"
@@ -155,15 +194,25 @@ def _write_artifacts(loaded: Loaded, graph: Graph, weights: dict, tmp: Path, opt
     if "onnx" in options.backends:
         from .backends import onnx as onnx_backend
 
-        artifacts += onnx_backend.write(graph, weights, tmp, options.opset)
+        artifacts += onnx_backend.write(optimized.graph, optimized.weights, tmp, options.opset)
     if "tvm" in options.backends:
         from .backends import tvm as tvm_backend
 
-        artifacts += tvm_backend.write(graph, tmp)
+        artifacts += tvm_backend.write(optimized.graph, tmp)
+    if "tvm" in options.backends and separate_inference_weights(optimized):  # ONNX carries its own
+        path = tmp / INFERENCE_WEIGHTS
+        save_file({n: optimized.weights[n] for n in optimized.graph.inference_params()}, str(path), metadata={"format": "pt"})
+        artifacts.append(path)
     return artifacts
 
 
-def _manifest(loaded: Loaded, graph: Graph, options: BuildOptions, tmp: Path, artifacts: list[Path]) -> dict:
+def _resolved_sha256(loaded: Loaded) -> str:
+    from .lock import resolved_sha256
+
+    return resolved_sha256(loaded)
+
+
+def _manifest(loaded: Loaded, graph: Graph, options: BuildOptions, tmp: Path, artifacts: list[Path], optimized=None) -> dict:
     from .analysis import summarize
     from .resolved import resolved_dict
 
@@ -172,6 +221,7 @@ def _manifest(loaded: Loaded, graph: Graph, options: BuildOptions, tmp: Path, ar
         "spec": {
             "path": loaded.path.as_posix(),
             "sha256": hashlib.sha256(loaded.text.encode("utf-8")).hexdigest(),
+            "resolved_sha256": _resolved_sha256(loaded),  # equal for specs that build the same model
         },
         "resolved_spec": resolved_dict(loaded),
         "build": {
@@ -189,8 +239,12 @@ def _manifest(loaded: Loaded, graph: Graph, options: BuildOptions, tmp: Path, ar
             "buffers": summary.buffers,
             "flops_per_sample": summary.flops,
             # Argument order of the TVM library's `main` after the inputs.
-            "parameter_order": graph.inference_params(),
+            "parameter_order": (optimized.graph if optimized else graph).inference_params(),
+            # The weights file the TVM library's parameters come from (weights.safetensors
+            # unless passes rewrote some: then weights.inference.safetensors).
+            "inference_weights": INFERENCE_WEIGHTS if any(p.name == INFERENCE_WEIGHTS for p in artifacts) else "weights.safetensors",
         },
+        "passes": optimized.manifest() if optimized else None,
         "versions": tool_versions(),
         "artifacts": {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(artifacts, key=lambda p: p.name)

@@ -402,5 +402,13 @@ def expand(raw: LocDict, source: SourceSpec) -> LocDict:
     if "train" in raw:  # the training protocol: `vars` and `${...}` evaluated, positions kept
         flat["train"] = ex.value(raw["train"], ex.vars, raw.value_locs["train"])
         flat.key_locs["train"], flat.value_locs["train"] = raw.key_locs["train"], raw.value_locs["train"]
+    if "compile" in raw:  # the build's passes (passes/pipeline.py), positions kept for their errors
+        flat["compile"], flat.key_locs["compile"], flat.value_locs["compile"] = raw["compile"], raw.key_locs["compile"], raw.value_locs["compile"]
+    if "quantize" in raw:  # weight-only quantization (lbdlc/quant_spec.py), positions kept for its errors
+        flat["quantize"], flat.key_locs["quantize"], flat.value_locs["quantize"] = raw["quantize"], raw.key_locs["quantize"], raw.value_locs["quantize"]
+    if "finetune" in raw:  # LoRA fine-tuning (lbdlc/lora.py), positions kept for its errors
+        flat["finetune"], flat.key_locs["finetune"], flat.value_locs["finetune"] = raw["finetune"], raw.key_locs["finetune"], raw.value_locs["finetune"]
+    if "deploy" in raw:  # deployment targets (lbdlc/targets.py), positions kept for their errors
+        flat["deploy"], flat.key_locs["deploy"], flat.value_locs["deploy"] = raw["deploy"], raw.key_locs["deploy"], raw.value_locs["deploy"]
     flat.scopes = ex.scopes  # not spec data: what lowering records as Graph.scopes
     return flat

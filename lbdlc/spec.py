@@ -11,10 +11,12 @@ import typing
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, create_model, model_validator
 
 from . import ops
 from .errors import SpecError, SpecErrors, did_you_mean
+from .quant_spec import QuantizeSpec
+from .lora import FinetuneSpec
 from .source import LocDict, key_loc, loc_of, node_at
 from .training.schema import TrainSpec
 
@@ -63,6 +65,43 @@ class InitSpec(StrictModel):
                 "constant": (("value", self.value),)}.get(self.kind, ())
 
 
+def _known_pass(name: str) -> str:
+    from .passes import PASSES
+    from .passes.pipeline import unknown_pass_hint
+
+    if name not in PASSES:
+        raise ValueError(f"unknown pass ({unknown_pass_hint(name)})")
+    return name
+
+
+def _known_target(entry: Any) -> Any:
+    from .targets import check_entry
+
+    return check_entry(entry)
+
+
+class DeploySpec(StrictModel):
+    """Where `lbdlc build` deploys the model (lbdlc/targets.py): one self-contained bundle per
+    target in deploy/<name>; `lbdlc targets` lists the presets; --target replaces the list."""
+
+    targets: list[Annotated[str | dict[str, Any], AfterValidator(_known_target)]] = Field(min_length=1)
+
+
+class CompileSpec(StrictModel):
+    """How `lbdlc build` optimizes the inference artifacts (passes/pipeline.py): an -O level or
+    a list of passes (`lbdlc passes` lists them); command-line -O and --passes override it."""
+
+    level: Annotated[int, Field(ge=0, le=3)] | None = None
+    passes: list[Annotated[str, AfterValidator(_known_pass)]] | None = None
+    pytorch: bool = False  # model.py gets the passes too (never those that change training, with `train:`)
+
+    @model_validator(mode="after")
+    def _level_or_passes(self):
+        if self.level is not None and self.passes is not None:
+            raise ValueError("give either `level` or `passes`, not both")
+        return self
+
+
 class LayerBase(StrictModel):
     """What every layer has besides its op's own attributes."""
 
@@ -102,6 +141,10 @@ def _spec_model(op_names: tuple[str, ...]) -> type[BaseModel]:
         layers: list[layer_union] = Field(min_length=1)  # type: ignore[valid-type]
         outputs: list[ScopedName] | None = None  # defaults to the last layer
         train: TrainSpec | None = None  # the training protocol (lbdlc/training/schema.py)
+        compile: CompileSpec | None = None  # optimization of the inference artifacts (passes/pipeline.py)
+        quantize: QuantizeSpec | None = None  # weight-only block quantization (lbdlc/quant_spec.py)
+        finetune: FinetuneSpec | None = None  # LoRA fine-tuning (lbdlc/lora.py, passes/lora.py)
+        deploy: DeploySpec | None = None  # deployment targets and their bundles (lbdlc/targets.py, lbdlc/bundle.py)
 
     return Spec
 
@@ -317,6 +360,10 @@ class SourceSpec(StrictModel):
     layers: list[dict[str, Any]] = Field(min_length=1)
     outputs: list[ScopedName] | None = None
     train: dict[str, Any] | None = None  # validated after expansion (lbdlc/training/schema.py)
+    compile: CompileSpec | None = None  # optimization of the inference artifacts (passes/pipeline.py)
+    quantize: QuantizeSpec | None = None  # weight-only block quantization (lbdlc/quant_spec.py)
+    finetune: FinetuneSpec | None = None  # LoRA fine-tuning (lbdlc/lora.py, passes/lora.py)
+    deploy: DeploySpec | None = None  # deployment targets and their bundles (lbdlc/targets.py, lbdlc/bundle.py)
 
 
 def source_keys() -> list[str]:

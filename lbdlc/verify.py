@@ -73,8 +73,10 @@ def run_tvm(out_dir: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     from tvm import relax
 
     out_dir = Path(out_dir)
-    order = manifest(out_dir)["model"]["parameter_order"]
-    weights = load_file(str(out_dir / "weights.safetensors"))
+    model = manifest(out_dir)["model"]
+    order = model["parameter_order"]
+    # weights.inference.safetensors when passes rewrote weights (batch-norm folding)
+    weights = load_file(str(out_dir / model.get("inference_weights", "weights.safetensors")))
     device = tvm.cpu()
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out_dir / "model.tvm.so")), device)
     args = [tvm.runtime.tensor(v, device) for v in inputs.values()] + [tvm.runtime.tensor(weights[n], device) for n in order]

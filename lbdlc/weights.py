@@ -20,6 +20,7 @@ TORCH_DTYPES = {
     "int64": torch.int64,
     "int32": torch.int32,
     "bool": torch.bool,
+    "uint8": torch.uint8,  # packed block-quantized codes (linear_q)
 }
 
 

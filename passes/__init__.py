@@ -1,5 +1,12 @@
 """Graph -> graph transforms over the lbdlc IR (installed as `lbdlc.passes`).
 
-The pass manager, canonicalisation and fusion passes land with issue [5/10]; this package
-is their home so that every backend benefits from every pass.
+- manager.py: `Pass`, `PassManager` (verification and the pass log), the registry `PASSES`;
+- pattern.py: pattern rewriting (`P`, `Rewrite`, `rewrite`), the tool the passes are written with;
+- canonicalize.py, fold.py, fusion.py: the passes;
+- pipeline.py: optimization levels -O0..-O3 and how a build chooses its passes.
 """
+from . import canonicalize, fold, fusion  # noqa: F401  (register the passes)
+from . import quantize  # noqa: F401  (the quantize pass; lbdlc/ops/quant.py's linear_q)
+from . import lora  # noqa: F401  (the lora and lora_merge passes; lbdlc/ops/lora.py's lora_linear)
+from .manager import PASSES, Pass, PassContext, PassManager, PassRecord, check_graph  # noqa: F401
+from .pipeline import DEFAULT_LEVEL, LEVELS, Pipeline, choose  # noqa: F401

@@ -77,3 +77,5 @@ def get(name: str) -> Op:
 from . import attention, conv, elementwise, graph, latent, linear, norm, recurrent, sequence, shape, spatial, tensor  # noqa: E402,F401
 from . import multimodal, vision  # noqa: E402,F401
 from . import fused  # noqa: E402,F401  (the fusion passes' ops: fused_linear, fused_conv2d, scaled_dot_product_attention)
+from . import quant  # noqa: E402,F401  (the quantize pass's op: linear_q)
+from . import lora  # noqa: E402,F401  (the lora pass's op: lora_linear)

@@ -22,7 +22,7 @@ import types
 import typing
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Tag
 
 from ..errors import SpecError, did_you_mean
 from ..source import LocDict, LocList, key_loc, loc_of, node_at
@@ -362,6 +362,65 @@ class Log(StrictModel):
     tensorboard: bool = False  # also write TensorBoard events when tensorboard is installed
 
 
+# ---------------------------------------------------------------------------------------
+# Activation checkpointing (lbdlc/checkpointing.py, docs/training.md): recompute repeated
+# blocks in backward instead of keeping their activations.
+
+CHECKPOINT_POLICIES = ("none", "all", "sqrt")
+CHECKPOINT_TAGS = ("<policy>", "<budget>", "<blocks>")  # union members; never keys of the data
+
+
+def _policy_name(value):
+    if isinstance(value, str) and value not in CHECKPOINT_POLICIES:
+        close = did_you_mean(value, CHECKPOINT_POLICIES)
+        raise ValueError(f"unknown checkpointing policy '{value}'" + (f" ({close})" if close else "")
+                         + ": choose none, all, sqrt, a mapping {budget: 2GiB}, or a list of blocks")
+    return value
+
+
+def _size_bytes(value):
+    """'2GiB', '500MB', '1.5e9' or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes or a text like 2GiB")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        return int(value)
+    from ..driver import parse_size
+
+    try:
+        return parse_size(str(value))
+    except SpecError:
+        raise ValueError(f"'{value}' is not a size: write e.g. 2GiB, 500MB or a number of bytes") from None
+
+
+class CheckpointBudget(StrictModel):
+    """Recompute as few FLOPs as possible such that the predicted peak memory of a training
+    step (weights, gradients, optimizer state, activations) fits `budget`."""
+
+    budget: Annotated[int, BeforeValidator(_size_bytes)]
+    # Symbolic dimensions for the prediction (e.g. {seq: 1024}); default: from `data`.
+    sizes: dict[Identifier, PositiveInt] = Field(default_factory=dict)
+
+
+def _checkpointing_member(value) -> str:
+    if isinstance(value, (dict, CheckpointBudget)):
+        return "<budget>"
+    if isinstance(value, list):
+        return "<blocks>"
+    return "<policy>"
+
+
+CheckpointingSpec = Annotated[
+    Union[
+        Annotated[Literal["none", "all", "sqrt"], BeforeValidator(_policy_name), Tag("<policy>")],
+        Annotated[CheckpointBudget, Tag("<budget>")],
+        Annotated[list[ScopedName], Field(min_length=1), Tag("<blocks>")],
+    ],
+    Discriminator(_checkpointing_member),
+]
+
+
 class TrainSpec(StrictModel):
     """How to train the model: data, objective, optimizer, schedule and run options."""
 
@@ -383,6 +442,7 @@ class TrainSpec(StrictModel):
     early_stopping: EarlyStopping | None = None
     checkpoint: Checkpoint | None = None
     log: Log = Log()
+    checkpointing: CheckpointingSpec = "none"  # recompute repeated blocks in backward (lbdlc/checkpointing.py)
 
     def loss_list(self) -> list:
         return list(self.losses) if self.losses is not None else [self.loss] if self.loss is not None else []
@@ -397,6 +457,8 @@ def _data_path(raw, path: tuple) -> tuple:
     node, out = raw, []
     for part in path:
         if isinstance(node, dict) and part not in node and node.get("kind") == part:
+            continue
+        if part in CHECKPOINT_TAGS:  # a member of `checkpointing`'s union, not a key
             continue
         out.append(part)
         if isinstance(node, LocDict) and part in node:
@@ -449,7 +511,8 @@ def _model_at(path: tuple):
         elif origin is dict:
             t = args[1]
         elif origin in (Union, types.UnionType):
-            t = next((m for m in args if _kind(m) == part), None)
+            t = next((m for m in args if _kind(m) == part
+                      or any(getattr(x, "tag", None) == part for x in getattr(m, "__metadata__", ()))), None)
             if t is None:
                 return None
         else:

@@ -1,0 +1,155 @@
+"""`lbdlc build --tune N`: MetaSchedule tuning of a target's TVM library, with its database
+kept next to the build and reused while the graph is unchanged.
+
+TVM 0.27's CPU code is naive until scheduled (DESIGN.md); MetaSchedule searches schedules for
+each fused TIR function of the Relax module (a *task*), measures them on this machine, and
+records the best in a JSON database. Tuning needs static shapes, so a tuned library fixes
+every symbolic dimension (batch 1 unless --static says otherwise).
+
+The database lives in <build>/tuning/<target>-<key>/, where the key hashes the fused Relax
+module (TVMScript text), the TVM target and the TVM version: any change of graph, shapes,
+precision or target gives a new key. A build reads the previous build's tuning/ directory
+(the output directory being replaced), so rebuilding an unchanged spec applies the recorded
+schedules without tuning again; a larger --tune N than recorded tunes again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SpecError
+
+TUNING_DIR = "tuning"
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@dataclass
+class Tuned:
+    key: str
+    directory: str  # relative to the build directory
+    trials: int  # the budget the database was tuned with
+    tasks: int
+    reused: bool
+    seconds: float  # tuning time in this build (0 when reused)
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "database": self.directory, "trials": self.trials, "tasks": self.tasks, "reused": self.reused}
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def require_meta_schedule() -> None:
+    """The tuner's Python dependencies (apache-tvm's `meta-schedule` extra and its pool)."""
+    missing = []
+    for module, package in (("xgboost", "xgboost"), ("psutil", "psutil"), ("cloudpickle", "cloudpickle")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise SpecError(f"--tune needs {', '.join(missing)} (TVM's MetaSchedule tuner), which is not installed",
+                        hint="pip install 'lbdlc[tune]' (or: pip install 'apache-tvm[meta-schedule]' psutil cloudpickle)")
+
+
+def module_key(mod, target) -> str:
+    import tvm
+
+    text = mod.script(show_meta=True)
+    payload = json.dumps({"module": text, "target": str(target), "tvm": tvm.__version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def _reusable(directory: Path, trials: int) -> dict | None:
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file() or not all((directory / f).is_file() for f in DATABASE_FILES):
+        return None
+    meta = json.loads(meta_path.read_text())
+    return meta if meta.get("trials", 0) >= trials else None
+
+
+def carry_over(previous: Path | None, build: Path) -> None:
+    """Keep the previous build's tuning databases in the new build (any target, any key)."""
+    if previous is None or not (previous / TUNING_DIR).is_dir():
+        return
+    for entry in sorted((previous / TUNING_DIR).iterdir()):
+        if entry.is_dir() and not (build / TUNING_DIR / entry.name).exists():
+            shutil.copytree(entry, build / TUNING_DIR / entry.name)
+
+
+def tune(mod, target, target_name: str, trials: int, build: Path, log=None) -> tuple[object, Tuned]:
+    """`mod` after the zero pipeline (fused TIR functions), static shapes. Returns the module with
+    the database's schedules applied, and what was done. `build` is the new build directory,
+    which already holds the previous build's databases (carry_over)."""
+    import tvm
+    from tvm import relax
+    import tvm.s_tir.meta_schedule as ms
+
+    require_meta_schedule()
+    key = module_key(mod, target)
+    rel = f"{TUNING_DIR}/{target_name}-{key}"
+    directory = build / rel
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    meta = _reusable(directory, trials)
+    seconds = 0.0
+    if meta is None:
+        if not tasks:
+            raise SpecError(f"--tune: nothing to tune for target '{target_name}' (the module has no TIR functions)")
+        work = Path(tempfile.mkdtemp(prefix="lbdlc-tune-"))
+        try:
+            start = time.perf_counter()
+            (log or _stderr)(f"tuning {len(tasks)} tasks for target {target_name}: {trials} MetaSchedule trials ...")
+            ms.relax_integration.tune_relax(
+                mod, {}, target, str(work), max_trials_global=trials,
+                max_trials_per_task=max(1, -(-trials // len(tasks))), num_trials_per_iter=min(16, trials), seed=0,
+                builder=in_process_builder(),
+            )
+            seconds = time.perf_counter() - start
+            if directory.exists():
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
+            for f in DATABASE_FILES:
+                shutil.copyfile(work / f, directory / f)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        meta = {"key": key, "target": str(target), "trials": trials, "tasks": [t.task_name for t in tasks],
+                "tvm": tvm.__version__, "seconds": round(seconds, 1)}
+        (directory / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        reused = False
+    else:
+        reused = True
+    database = ms.database.JSONDatabase(work_dir=str(directory), allow_missing=False)
+    with target, database:
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    return mod, Tuned(key, rel, int(meta["trials"]), len(tasks), reused, seconds)
+
+
+def in_process_builder():
+    """A MetaSchedule builder that compiles candidates in this process. TVM's LocalBuilder
+    starts a fresh pool of worker processes for every batch of candidates (each one importing
+    TVM, ~10 s on a loaded 2-core machine), which dominated tuning time here; compiling a
+    candidate takes milliseconds. Candidates still run in the LocalRunner's worker process."""
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(item.mod, item.target, None)), None))
+                except Exception as exc:  # noqa: BLE001 - an invalid candidate: reported, skipped
+                    results.append(BuilderResult(None, f"InProcessBuilder: {exc}"))
+            return results
+
+    return InProcessBuilder()
