@@ -6,14 +6,13 @@ error messages know each op's parameters.
 """
 from __future__ import annotations
 
-import types
-import typing
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, create_model, model_validator
 
 from . import ops
+from .annotations import literal_tag, model_at
 from .errors import SpecError, SpecErrors, did_you_mean
 from .quant_spec import QuantizeSpec
 from .lora import FinetuneSpec
@@ -278,46 +277,7 @@ def _allowed_keys(path: tuple, root) -> list[str]:
 
 def _model_at(annotation, path: tuple):
     """The Pydantic model reached by following `path` (Pydantic error loc) through annotations."""
-    t = annotation
-    for part in path:
-        t = _strip(t)
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            field = next((f for n, f in t.model_fields.items() if part in (n, f.alias)), None)
-            if field is None:
-                return None
-            t = field.annotation
-            continue
-        origin, args = typing.get_origin(t), typing.get_args(t)
-        if origin is list:
-            t = args[0]
-        elif origin is dict:
-            t = args[1]
-        elif origin in (Union, types.UnionType):
-            t = next((m for m in args if _op_tag(m) == part), None)
-            if t is None:
-                return None
-        else:
-            return None
-    t = _strip(t)
-    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
-
-
-def _strip(t):
-    while typing.get_origin(t) is Annotated:
-        t = typing.get_args(t)[0]
-    args = typing.get_args(t)
-    if typing.get_origin(t) in (Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return _strip(rest[0])
-    return t
-
-
-def _op_tag(model) -> str | None:
-    model = _strip(model)
-    if isinstance(model, type) and issubclass(model, BaseModel) and "op" in model.model_fields:
-        return typing.get_args(model.model_fields["op"].annotation)[0]
-    return None
+    return model_at(annotation, path, lambda members, part: next((m for m in members if literal_tag(m, "op") == part), None))
 
 
 # ---------------------------------------------------------------------------------------
