@@ -14,7 +14,7 @@
   earlier blocks first, their recomputation happens when backward has released the most) and
   take the shortest prefix of that order whose predicted peak fits (the peak falls as segments
   are added, so a binary search finds it); of the fitting plans over all k, the one with the
-  fewest recomputed FLOPs wins, then the lowest peak. A budget below the least peak any plan
+  fewest recomputed FLOPs wins, then the one with fewer checkpoint calls, then the lower peak. A budget below the least peak any plan
   reaches is an error that states that minimum.
 - a list of blocks (`[h.0, h.1]`) or repetitions (`[h]`: each of its blocks): those, one
   block per checkpoint.
@@ -90,7 +90,8 @@ class Plan:
         parts = []
         for root, segs in self.by_root().items():
             parts.append(f"{root}: " + ", ".join(f"[{a}:{b}]" for a, b in segs) + f" of {self.loops[root]}")
-        return f"{self.recomputed_blocks} blocks recomputed in {len(self.segments)} segments ({'; '.join(parts)})"
+        n, k = self.recomputed_blocks, len(self.segments)
+        return f"{n} block{'s' * (n != 1)} recomputed in {k} segment{'s' * (k != 1)} ({'; '.join(parts)})"
 
     def to_json(self) -> dict:
         c = self.config
@@ -172,8 +173,8 @@ def plan_budget(graph: Graph, found: list[Loop], config: MemoryConfig, budget: i
         rank = {id(s): (-ev.gain(s) / max(1, ev.flops([s])), index[id(s.nodes[0])]) for s in candidates}
         order = sorted(candidates, key=lambda s: rank[id(s)])
 
-        def chosen(m: int) -> list[Segment]:
-            return sorted(order[:m], key=lambda s: index[id(s.nodes[0])])
+        def chosen(m: int, order: list[Segment] = order) -> list[Segment]:
+            return sorted(order[:m], key=lambda seg: index[id(seg.nodes[0])])
 
         full = ev.peak(chosen(len(order)))
         if least is None or full < least[0]:
@@ -188,11 +189,11 @@ def plan_budget(graph: Graph, found: list[Loop], config: MemoryConfig, budget: i
             else:
                 lo = mid + 1
         plan = chosen(lo)
-        key = (ev.flops(plan), ev.peak(plan))
+        key = (ev.flops(plan), len(plan), ev.peak(plan))
         if best is None or key < best[0]:
             best = (key, plan)
     if best is None:
-        from .driver import human_size
+        from .memory import human_size
 
         report = estimate(graph, config, [], losses, analysis=ev.analysis)
         state = report.weights + report.grads + report.optimizer

@@ -27,7 +27,7 @@ def _policy(text: str | None):
     """--checkpointing none|all|sqrt|SIZE (a budget) or a comma-separated list of blocks."""
     if text is None:
         return None
-    from .driver import parse_size
+    from .memory import parse_size
     from .training.schema import CHECKPOINT_POLICIES, CheckpointBudget
 
     if text in CHECKPOINT_POLICIES:
@@ -43,7 +43,7 @@ def train_memory(spec: Path, overrides: list[str], strict: bool, as_json: bool, 
     """Print the table (or JSON); the exit code: 1 when --device-memory is given and the peak exceeds it."""
     from .checkpointing import plan_for_spec, train_config
     from .cli import _graph, out
-    from .driver import human_size, parse_size
+    from .memory import human_size, parse_size
     from .memory import estimate
 
     loaded, graph = _graph(spec, overrides, strict)

@@ -18,12 +18,12 @@ docs/training.md describes every option.
 """
 from __future__ import annotations
 
-import types
 import typing
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Tag
 
+from ..annotations import literal_tag, model_at, strip as _strip
 from ..errors import SpecError, did_you_mean
 from ..source import LocDict, LocList, key_loc, loc_of, node_at
 
@@ -386,7 +386,7 @@ def _size_bytes(value):
         if value <= 0:
             raise ValueError("a size must be positive")
         return int(value)
-    from ..driver import parse_size
+    from ..memory import parse_size
 
     try:
         return parse_size(str(value))
@@ -398,7 +398,7 @@ class CheckpointBudget(StrictModel):
     """Recompute as few FLOPs as possible such that the predicted peak memory of a training
     step (weights, gradients, optimizer state, activations) fits `budget`."""
 
-    budget: Annotated[int, BeforeValidator(_size_bytes)]
+    budget: Annotated[int, BeforeValidator(_size_bytes, json_schema_input_type=Union[str, int])]
     # Symbolic dimensions for the prediction (e.g. {seq: 1024}); default: from `data`.
     sizes: dict[Identifier, PositiveInt] = Field(default_factory=dict)
 
@@ -470,22 +470,8 @@ def _data_path(raw, path: tuple) -> tuple:
     return tuple(out)
 
 
-def _strip(t):
-    while typing.get_origin(t) is Annotated:
-        t = typing.get_args(t)[0]
-    args = typing.get_args(t)
-    if typing.get_origin(t) in (Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return _strip(rest[0])
-        return Union[tuple(rest)]
-    return t
-
-
 def _kind(model) -> str | None:
-    if isinstance(model, type) and issubclass(model, BaseModel) and "kind" in model.model_fields:
-        return typing.get_args(model.model_fields["kind"].annotation)[0]
-    return None
+    return literal_tag(model, "kind")
 
 
 def union_members(t) -> list[type[BaseModel]]:
@@ -496,28 +482,8 @@ def union_members(t) -> list[type[BaseModel]]:
 
 def _model_at(path: tuple):
     """The model (or union of models) reached by a Pydantic error path below `train`."""
-    t = TrainSpec
-    for part in path:
-        t = _strip(t)
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            field = t.model_fields.get(part)
-            if field is None:
-                return None
-            t = field.annotation
-            continue
-        origin, args = typing.get_origin(t), typing.get_args(t)
-        if origin is list:
-            t = args[0]
-        elif origin is dict:
-            t = args[1]
-        elif origin in (Union, types.UnionType):
-            t = next((m for m in args if _kind(m) == part
-                      or any(getattr(x, "tag", None) == part for x in getattr(m, "__metadata__", ()))), None)
-            if t is None:
-                return None
-        else:
-            return None
-    return _strip(t)
+    return model_at(TrainSpec, path, lambda members, part: next(
+        (m for m in members if _kind(m) == part or any(getattr(x, "tag", None) == part for x in getattr(m, "__metadata__", ()))), None))
 
 
 def _kinds_of(path: tuple) -> list[str]:
