@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import SpecError
 from .source import loc_of
-from .targets import DeployTarget, ELF_MACHINES, cross_compiler, parse_cli, resolve_all
+from .targets import DeployTarget, cross_compiler, parse_cli, resolve_all
 
 FORMAT = "lbdlc-bundle/1"
 DEPLOY_DIR = "deploy"
@@ -88,7 +88,10 @@ def _shape(shape: list, dims: dict[str, int]) -> list:
 def write_bundles(loaded, optimized, build: Path, options, previous: Path | None = None, log=None) -> dict:
     """Bundles for the chosen targets into `build`/deploy; the manifest entries for them
     (`deploy`, and `tuning` with --tune). Nothing (an empty dict) when no target is chosen."""
+    from .tune import carry_over
+
     targets = chosen_targets(loaded, options)
+    carry_over(previous, build)  # tuning databases outlive builds without --tune
     if not targets:
         if options.tune:
             raise SpecError("--tune tunes a deploy target's library: name one", hint="e.g. --target cpu --tune 64")
@@ -100,10 +103,17 @@ def write_bundles(loaded, optimized, build: Path, options, previous: Path | None
         raise SpecError("--tune tunes the TVM library: the build needs the tvm backend", hint="add -b tvm")
     dims = static_dims(optimized.graph, options)
     if options.tune:
-        from .tune import carry_over, require_meta_schedule
+        from .targets import gpu_present
+        from .tune import require_meta_schedule
 
+        for t in targets:  # MetaSchedule measures candidates here, on this machine's CPU or GPU
+            if t.cross:
+                raise SpecError(f"--tune measures schedules on the target, and target '{t.name}' is {t.arch} code this machine cannot run",
+                                hint=f"tune on this machine's CPU (--target cpu --tune N), or build '{t.name}' without --tune")
+            if t.gpu and not gpu_present():
+                raise SpecError(f"--tune measures schedules on the target, and target '{t.name}' needs an NVIDIA GPU, which this machine lacks",
+                                hint=f"build '{t.name}' without --tune (dlight's default GPU schedules), or tune on the GPU machine")
         require_meta_schedule()
-        carry_over(previous, build)
     deploy, tuning = {}, {}
     for target in targets:
         start = time.perf_counter()
@@ -256,8 +266,15 @@ def compile_for(graph, target: DeployTarget, dims: dict[str, int], tune: int | N
     if target.gpu:
         from tvm.s_tir import dlight as dl
 
+        # TVM's default GPU schedules. In TVM 0.27 the Matmul rule takes minutes (lenet: 100 s for
+        # one 256x120 matmul) or fails (mobilenet_v2) on mixed-precision matmuls and convolutions
+        # (fp16 inputs, fp32 accumulation, casts fused around them): fp16 builds schedule those
+        # with the GEMV, reduction and fallback rules.
+        rules = [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        if target.precision != "fp16":
+            rules.insert(0, dl.gpu.Matmul())
         with tvm_target:
-            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            mod = dl.ApplyDefaultSchedule(*rules)(mod)
     reproducible = tvm.transform.module_pass(canonical_shape_funcs, opt_level=0, name="CanonicalShapeFuncs")
     build_pipeline = tvm.transform.Sequential([relax.get_pipeline("default_build"), reproducible])
     return tvm.compile(mod, target=tvm_target, relax_pipeline=build_pipeline), tuned
@@ -281,7 +298,7 @@ def _write_tvm(graph, target: DeployTarget, out: Path, dims, options, build: Pat
         executable, tuned = compile_for(graph, target, dims, options.tune, build, log)
     except SpecError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a TVM failure for this target: say which target
+    except Exception as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise SpecError(f"TVM could not compile {graph.name} for target '{target.name}': {message}") from exc
     holder["tuned"] = tuned

@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,37 @@ class Tuned:
 
     def to_json(self) -> dict:
         return {"key": self.key, "database": self.directory, "trials": self.trials, "tasks": self.tasks, "reused": self.reused}
+
+
+@contextmanager
+def fast_inspect_stack():
+    """`inspect.stack()` without its per-frame `getmodule` scan of sys.modules.
+
+    Importing tvm.s_tir.tensor_intrin parses a few hundred TVMScript functions, and each calls
+    inspect.stack(), whose getframeinfo() looks up the module of every frame without a source
+    file (the import machinery's frozen frames) by scanning all of sys.modules: with torch
+    loaded (~2,000 modules) that import took 250 s on this 2-core machine, 14 s with this
+    stack (the same frames, code context read with linecache)."""
+    import inspect
+    import linecache
+    import sys
+
+    original = inspect.stack
+
+    def stack(context: int = 1):
+        frame, infos = sys._getframe(1), []
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            line = "" if filename.startswith("<") else linecache.getline(filename, frame.f_lineno)
+            infos.append(inspect.FrameInfo(frame, filename, frame.f_lineno, frame.f_code.co_name, [line] if line else None, 0 if line else None))
+            frame = frame.f_back
+        return infos
+
+    inspect.stack = stack
+    try:
+        yield
+    finally:
+        inspect.stack = original
 
 
 def _stderr(message: str) -> None:
@@ -90,28 +122,43 @@ def tune(mod, target, target_name: str, trials: int, build: Path, log=None) -> t
     the database's schedules applied, and what was done. `build` is the new build directory,
     which already holds the previous build's databases (carry_over)."""
     import tvm
-    from tvm import relax
     import tvm.s_tir.meta_schedule as ms
+    from tvm import relax
 
     require_meta_schedule()
+    with fast_inspect_stack():  # TVMScript-parses every tensor intrinsic; MetaSchedule imports it
+        import tvm.s_tir.tensor_intrin
     key = module_key(mod, target)
     rel = f"{TUNING_DIR}/{target_name}-{key}"
     directory = build / rel
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = tunable_tasks(ms.relax_integration.extract_tasks(mod, target))
     meta = _reusable(directory, trials)
     seconds = 0.0
     if meta is None:
         if not tasks:
-            raise SpecError(f"--tune: nothing to tune for target '{target_name}' (the module has no TIR functions)")
+            raise SpecError(f"--tune: nothing to tune for target '{target_name}' (no function of the model does arithmetic)")
         work = Path(tempfile.mkdtemp(prefix="lbdlc-tune-"))
         try:
             start = time.perf_counter()
-            (log or _stderr)(f"tuning {len(tasks)} tasks for target {target_name}: {trials} MetaSchedule trials ...")
-            ms.relax_integration.tune_relax(
-                mod, {}, target, str(work), max_trials_global=trials,
-                max_trials_per_task=max(1, -(-trials // len(tasks))), num_trials_per_iter=min(16, trials), seed=0,
-                builder=in_process_builder(),
-            )
+            per_task = max(1, -(-trials // len(tasks)))
+            (log or _stderr)(f"tuning {len(tasks)} tasks for target {target_name}: {trials} MetaSchedule trials "
+                             f"(up to {per_task} a task) ...")
+            # A lighter evolutionary search than the default (population 512, 4 generations): with
+            # a budget of tens of trials per task, the default spent most of the time searching.
+            strategy = ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=32, genetic_num_iters=2)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(work), strategy=strategy, seed=0)
+            import logging
+
+            console = logging.getLogger("tvm.s_tir.meta_schedule")
+            level = console.level
+            console.setLevel(logging.WARNING)  # its console handler takes this level; the per-task logs stay in `work`
+            try:
+                ms.tune.tune_tasks(
+                    tasks=contexts, task_weights=weights, work_dir=str(work), max_trials_global=trials,
+                    max_trials_per_task=per_task, num_trials_per_iter=max(4, -(-per_task // 2)), builder=in_process_builder(),
+                )
+            finally:
+                console.setLevel(level)
             seconds = time.perf_counter() - start
             if directory.exists():
                 shutil.rmtree(directory)
@@ -132,14 +179,25 @@ def tune(mod, target, target_name: str, trials: int, build: Path, log=None) -> t
     return mod, Tuned(key, rel, int(meta["trials"]), len(tasks), reused, seconds)
 
 
+def tunable_tasks(tasks: list) -> list:
+    """Tasks with arithmetic to schedule: pure data movement (reshape, transpose: one FLOP by
+    TVM's estimate) has a design space of one, on which the search only spins."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    return [t for t in tasks if not t.mod.attrs.get("tirx.is_scheduled", False) and estimate_tir_flops(t.dispatched[0]) > 1]
+
+
 def in_process_builder():
     """A MetaSchedule builder that compiles candidates in this process. TVM's LocalBuilder
     starts a fresh pool of worker processes for every batch of candidates (each one importing
     TVM, ~10 s on a loaded 2-core machine), which dominated tuning time here; compiling a
     candidate takes milliseconds. Candidates still run in the LocalRunner's worker process."""
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import (
+        default_build,
+        default_export,
+    )
 
     @derived_object
     class InProcessBuilder(PyBuilder):

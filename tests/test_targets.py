@@ -7,11 +7,10 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import SPECS, located
 
 from lbdlc.bundle import elf_machine, object_machines
 from lbdlc.targets import ELF_MACHINES, PRESETS, gpu_present, host_cpu_name
-
-from conftest import SPECS, located
 
 LENET = (SPECS / "lenet.yaml").read_text()
 EM_AARCH64 = 183
@@ -27,8 +26,9 @@ def _safetensors_dtypes(path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def cross(tmp_path_factory):
-    """One build of lenet for three targets named in the spec's `deploy:`: the arm64 preset, a raw
-    TVM dict (Cortex-A72) and an H100 in fp16, none of which this machine can run natively."""
+    """One build of lenet for five targets named in the spec's `deploy:`: the arm64 preset, a raw
+    TVM dict (Cortex-A72), an H100 in fp16, a Jetson (CUDA with an aarch64 host) and a
+    Raspberry Pi 4 (TVM's tag), none of which this machine can run natively."""
     from typer.testing import CliRunner
 
     from lbdlc.cli import app
@@ -37,7 +37,7 @@ def cross(tmp_path_factory):
     spec = root / "lenet_deploy.yaml"
     spec.write_text(LENET + "deploy:\n  targets:\n    - arm64\n"
                     "    - {kind: llvm, mtriple: aarch64-linux-gnu, mcpu: cortex-a72, mattr: [+neon], name: a72}\n"
-                    "    - h100:fp16\n")
+                    "    - h100:fp16\n    - jetson-orin-nano\n    - rpi4\n")
     out = root / "out"
     result = CliRunner().invoke(app, ["build", str(spec), "-o", str(out), "-b", "tvm", "-b", "onnx"])
     assert result.exit_code == 0, result.output
@@ -65,8 +65,8 @@ def test_presets_listed(cli):
 
 def test_arm64_objects_are_elf_aarch64(cross):
     out, stdout = cross
-    assert sorted(p.name for p in (out / "deploy").iterdir()) == ["a72", "arm64", "h100-fp16"]
-    for name in ("arm64", "a72"):
+    assert sorted(p.name for p in (out / "deploy").iterdir()) == ["a72", "arm64", "h100-fp16", "jetson-orin-nano", "rpi4"]
+    for name in ("arm64", "a72", "rpi4", "jetson-orin-nano"):
         tar = out / "deploy" / name / "model.tvm.tar"
         machines = object_machines(tar)
         assert machines and set(machines.values()) == {EM_AARCH64}, machines  # e_machine of every object
@@ -82,6 +82,12 @@ def test_arm64_objects_are_elf_aarch64(cross):
             assert elf_machine(out / "deploy" / name / "model.tvm.so") == EM_AARCH64
     a72 = json.loads((out / "deploy" / "a72" / "manifest.json").read_text())["target"]
     assert a72["preset"] is None and a72["tvm"]["mcpu"] == "cortex-a72"
+    rpi4 = json.loads((out / "deploy" / "rpi4" / "manifest.json").read_text())["target"]
+    assert rpi4["tvm"]["mcpu"] == "cortex-a72" and rpi4["tvm"]["num-cores"] == 4
+    jetson = json.loads((out / "deploy" / "jetson-orin-nano" / "manifest.json").read_text())["target"]
+    assert (jetson["device"], jetson["arch"], jetson["tvm"]["arch"]) == ("cuda", "aarch64", "sm_87")
+    with tarfile.open(out / "deploy" / "jetson-orin-nano" / "model.tvm.tar") as t:  # aarch64 host code + CUDA kernels
+        assert b"__global__" in t.extractfile("devc.o").read()
     assert "bundle arm64 (cpu, aarch64, fp32)" in stdout
 
 
@@ -165,7 +171,7 @@ def test_unknown_targets_and_options(cli, tmp_path, write_spec):
 
 
 def test_shared_library_needs_the_cross_compiler(cli, tmp_path, monkeypatch):
-    import lbdlc.targets as targets
+    from lbdlc import targets
 
     real = shutil.which
     monkeypatch.setattr(targets.shutil, "which", lambda cmd, *a, **k: None if "aarch64" in cmd else real(cmd, *a, **k))
@@ -180,6 +186,7 @@ def test_command_line_targets_replace_the_specs(cli, tmp_path, write_spec):
     spec = write_spec((SPECS / "mlp.yaml").read_text() + "deploy: {targets: [arm64, rpi4]}\n")
     code, stdout, stderr = cli("build", spec, "-o", tmp_path / "o", "-b", "onnx", "--target", "cpu")
     assert code == 0, stderr
+    assert "bundle cpu (cpu, x86_64, fp32)" in stdout or "bundle cpu (cpu, aarch64, fp32)" in stdout
     assert [p.name for p in (tmp_path / "o" / "deploy").iterdir()] == ["cpu"]
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert list(manifest["deploy"]) == ["cpu"] and manifest["deploy"]["cpu"]["runtimes"] == ["onnx"]
@@ -210,3 +217,13 @@ def test_local_gpu_bundle_matches_pytorch(cli, tmp_path):
             assert "CUDAExecutionProvider" in session.session.get_providers()
         got = session.run({"image": x})[0]
         assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_bundles_are_reproducible(cli, tmp_path):
+    """Invariant 4 for bundles: two builds give byte-identical files (the .tar has no
+    timestamps; the cross .so, the CUDA library and the fp16 ONNX model are deterministic)."""
+    code, stdout, stderr = cli("build", SPECS / "lenet.yaml", "-o", tmp_path / "o", "-b", "tvm", "-b", "onnx", "--target", "cpu",
+                               "--target", "arm64", "--target", "h100:fp16", "--check-reproducible")
+    assert code == 0, stdout + stderr
+    assert "byte-identical" in stdout
