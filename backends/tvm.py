@@ -482,21 +482,16 @@ def _scaled_dot_product_attention(L, n, x, p):
     batch dim and a single head (a reshape, no data movement), and the result is reshaped back."""
     from tvm import tirx
 
+    from lbdlc.ir import numel
     from lbdlc.ops.fused import default_scale
 
     R, a = _R(), n.attrs
     lead = n.inputs[0].type.shape[:-2]
-    batch = L.prim(numel_of(lead)) if lead else 1
+    batch = L.prim(numel(lead)) if lead else 1
     q, k, v = (L.emit(R.reshape(t, [batch, L.prim(v_.type.shape[-2]), 1, L.prim(v_.type.shape[-1])]))
                for t, v_ in zip(x, n.inputs))
     y = L.emit(R.nn.attention(q, k, v, scale=tirx.FloatImm("float32", default_scale(n)), causal_mask="TopLeft" if a.causal else None))
     return L.emit(R.reshape(y, [L.prim(d) for d in n.outputs[0].type.shape]))
-
-
-def numel_of(shape):
-    from lbdlc.ir import numel
-
-    return numel(shape)
 
 
 def _linear_q(L, n, x, p):

@@ -12,8 +12,8 @@ one spec and one set of weights:
   activation fused, dropout removed) in ONNX Runtime;
 - lbdlc TVM: the -O2 build's TVM library (untuned: TVM 0.27 schedules nothing for CPUs).
 
-Every latency is a median over repetitions after warm-up runs, the variants taking turns
-(round robin) so that a shared machine's changing load reaches all of them alike. The script also prints each
+Every latency is a median over repetitions; the variants take turns (round robin, the order
+rotating), and each timed run directly follows an untimed run of the same variant. The script also prints each
 model's FLOPs and the machine's matmul rate measured in the same run (a large fp32 MatMul
 through ONNX Runtime), so each latency can be read against that roofline: "of peak" is
 FLOPs / latency / matmul rate. Outputs of every variant are checked against eager PyTorch.
@@ -197,13 +197,15 @@ def bench_model(name: str, reps: int, tvm_reps: int, work: Path, use_tvm: bool) 
     for label, run in runners.items():
         got = run()
         row["diff"][label] = max(float(np.abs(np.asarray(g, np.float64) - r).max()) for g, r in zip(got, reference))
-    # Round robin over the variants, so that the machine's load drifts over all of them alike.
+    # Round robin over the variants, the order rotating every repetition, so that a shared
+    # machine's changing load reaches all of them alike. Each timed run directly follows an
+    # untimed run of the same variant: the runtime before it (ONNX Runtime's and PyTorch's
+    # worker threads spin for a while after a run) must not slow it down.
     fast = [label for label in runners if label != "lbdlc TVM"]
     times = {label: [] for label in runners}
-    for label in fast:
-        runners[label]()  # a second warm-up run
-    for _ in range(reps):
-        for label in fast:
+    for r in range(reps):
+        for label in fast[r % len(fast):] + fast[:r % len(fast)]:
+            runners[label]()
             start = time.perf_counter()
             runners[label]()
             times[label].append(time.perf_counter() - start)
@@ -240,21 +242,25 @@ def table(rows: list[dict], rate: float) -> str:
     return "\n".join(lines)
 
 
+SHORT = {BASELINE: "export + ORT", "lbdlc -O0 ONNX": "-O0", "lbdlc -O2 ONNX": "-O2", "lbdlc TVM": "TVM"}
+
+
 def readme_section(rows: list[dict], rate: float, reps: int, tvm_reps: int) -> str:
-    diffs = "; ".join(f"{r['model']}: " + ", ".join(f"{v.split(' ')[0] if v != BASELINE else 'export'} {d:.0e}" for v, d in r["diff"].items() if v != "PyTorch eager") for r in rows)
+    diffs = "; ".join(f"{r['model']} " + ", ".join(f"{SHORT[v]} {d:.0e}" for v, d in r["diff"].items() if v in SHORT) for r in rows)
     builds = "; ".join(f"{r['model']} {r['build_o0_s']:.1f} s / {r['build_o2_s']:.1f} s" for r in rows)
-    notes = "; ".join(f"{r['model']}: {', '.join(r['notes'])}" for r in rows)
+    exports = ", ".join(f"{r['model']} {r['notes'][0].split(': ', 1)[1]}" for r in rows)
     return f"""{MARK_BEGIN}
-Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {torch.get_num_threads()} threads
-(torch {torch.__version__}, onnxruntime {ort.__version__}); median of {reps} runs after warm-up
-({tvm_reps} for TVM). Matmul rate in the same run: **{rate:.1f} GFLOP/s** (fp32 1024×1024×4096
-MatMul in ONNX Runtime). Each cell: median latency (ratio to torch.onnx.export + ORT), and
-the share of the matmul rate it reaches (FLOPs / latency / matmul rate).
+Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {torch.get_num_threads()} threads (torch {torch.__version__},
+onnxruntime {ort.__version__}); median of {reps} runs, each right after an untimed run of the same
+variant, variants in rotating order ({tvm_reps} runs for TVM). Matmul rate in the same run:
+**{rate:.1f} GFLOP/s** (fp32 1024×1024×4096 MatMul in ONNX Runtime, mean of the start and the
+end of the run). Each cell: median latency (ratio to torch.onnx.export + ORT), and the share
+of the matmul rate it reaches (FLOPs / latency / matmul rate).
 
 {table(rows, rate)}
 
-Max |difference| to eager PyTorch: {diffs}. Build time (-O0 pytorch+onnx / -O2): {builds}.
-Export: {notes}.
+Max |difference| to eager PyTorch: {diffs}. Build time (-O0 pytorch + onnx / -O2 onnx{" + tvm" if any("lbdlc TVM" in r["ms"] for r in rows) else ""}):
+{builds}. torch.onnx.export: {exports}.
 {MARK_END}"""
 
 

@@ -65,10 +65,29 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON for scripts."),
     overrides: list[str] = SetOpt,
     strict: bool = StrictOpt,
+    train: bool = typer.Option(False, "--train", help="Predict the memory of one training step instead: per layer, in total, and the checkpointing plan."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="With --train: samples per step (default: the spec's train.batch_size / grad_accumulation)."),
+    seq: Optional[int] = typer.Option(None, "--seq", min=1, help="With --train: the value of the `seq` dimension."),
+    size: list[str] = typer.Option([], "--size", help="With --train: another symbolic dimension, NAME=N (repeatable)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="With --train: fp32, bf16 or fp16 (default: the spec's train.precision)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="With --train: adam, adamw, sgd, rmsprop or adagrad (default: the spec's)."),
+    device: str = typer.Option("cuda", "--device", help="With --train: the device type whose kernels decide what is saved: cuda or cpu."),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="With --train: say whether the peak fits this much memory (e.g. 24GiB); exit 1 if not."),
+    checkpointing: Optional[str] = typer.Option(None, "--checkpointing", help="With --train: a policy instead of the spec's: none, all, sqrt, a budget (2GiB), or blocks (h.0,h.1)."),
 ) -> None:
     """Validate a spec and print each layer's op, output shape, parameters and FLOPs, without allocating weights."""
     from .analysis import summarize
 
+    if train:
+        from .cli_memory import train_memory
+
+        try:
+            code = train_memory(spec, overrides, strict, as_json, batch, seq, size, precision, optimizer, device, device_memory, checkpointing)
+        except (SpecError, SpecErrors) as exc:
+            _fail(exc)
+        if code:
+            raise typer.Exit(code)
+        return
     try:
         summary = summarize(_graph(spec, overrides, strict)[1])
     except (SpecError, SpecErrors) as exc:

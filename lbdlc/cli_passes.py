@@ -79,7 +79,9 @@ def print_pass_log(optimized, console) -> None:
         console.print(f"passes for model.onnx and the TVM library: none (chosen by {chosen})", markup=False)
     else:
         console.print(pass_table(optimized.log, f"passes for model.onnx and the TVM library (chosen by {chosen})"))
-    if optimized.pytorch_log is not None:
+    if optimized.pytorch_log is not None and optimized.pytorch_log is optimized.log:
+        console.print("model.py: the same optimized graph and weights (compile.pytorch, no train:)", markup=False)
+    elif optimized.pytorch_log is not None:
         what = "train.py trains it" if optimized.pytorch_mode == "training" else "inference"
         console.print(pass_table(optimized.pytorch_log, f"passes for model.py ({what})"))
         if optimized.left_out:

@@ -111,6 +111,8 @@ def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         manifest = _manifest(loaded, graph, options, tmp, artifacts, optimized)
         if quantized is not None:  # per matrix: format, bits, bytes before/after, dequantized weight error
             manifest["quantization"] = quantized[3]
+        if getattr(optimized, "checkpointing", None) is not None:  # blocks recomputed, bytes saved, extra FLOPs
+            manifest["checkpointing"] = optimized.checkpointing.to_json()
         from .bundle import write_bundles  # deploy targets: a self-contained bundle each, in deploy/ (lbdlc/bundle.py)
 
         manifest.update(write_bundles(loaded, optimized, tmp, options, out_dir if out_dir.is_dir() else None))
@@ -185,7 +187,10 @@ def _write_artifacts(loaded: Loaded, optimized, tmp: Path, options: BuildOptions
     if "pytorch" in options.backends:
         from .backends import pytorch
 
-        artifacts += pytorch.write(graph, tmp, str(loaded.path), description, __version__)
+        from .checkpointing import plan_for_spec  # train.checkpointing: blocks recomputed in backward
+
+        optimized.checkpointing = plan_for_spec(loaded, graph)
+        artifacts += pytorch.write(graph, tmp, str(loaded.path), description, __version__, optimized.checkpointing)
         if getattr(loaded.spec, "train", None) is not None:  # the training protocol: train.py
             from .backends import train_script
             from .training.check import plan

@@ -11,7 +11,7 @@ from .pattern import P, Rewrite, prune_params, rewrite
 RANDOM_IN_TRAINING = {"dropout", "reparameterize"}
 
 
-def _same_type(a: Value, b: Value) -> bool:
+def same_type(a: Value, b: Value) -> bool:
     return a.type.dtype == b.type.dtype and a.type.rank == b.type.rank and all(
         dim_eq(x, y) for x, y in zip(a.type.shape, b.type.shape))
 
@@ -90,7 +90,7 @@ def _is_identity(node: Node) -> bool:
     if node.op in ("transpose", "permute"):
         return _perm(node) == list(range(node.inputs[0].type.rank))
     if node.op in ("reshape", "flatten"):
-        return _same_type(node.inputs[0], node.outputs[0])
+        return same_type(node.inputs[0], node.outputs[0])
     if node.op == "slice":
         a = node.attrs
         return a.step == 1 and (a.start or 0) == 0 and a.end is None

@@ -7,7 +7,7 @@ from lbdlc import ops
 from lbdlc.ir import Node
 from lbdlc.ops.fused import ACTIVATION_OPS, activation_of
 
-from .canonicalize import _same_type
+from .canonicalize import same_type
 from .manager import Pass, register
 from .pattern import P, Rewrite, fuse, rewrite
 
@@ -29,7 +29,7 @@ def _with_activation(layer: Node, act: Node, fused_op: str) -> Node:
 def _with_residual(m, fused_op: str) -> list[Node] | None:
     layer, add = m["layer"], m.root
     r = m.value("r")
-    if len(layer.inputs) != 1 or not (_same_type(r, layer.outputs[0]) and _same_type(add.outputs[0], layer.outputs[0])):
+    if len(layer.inputs) != 1 or not (same_type(r, layer.outputs[0]) and same_type(add.outputs[0], layer.outputs[0])):
         return None  # a broadcast add, or a residual already there
     return [fuse(layer, fused_op, add, inputs=[layer.inputs[0], r])]
 

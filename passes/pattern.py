@@ -176,12 +176,3 @@ def fuse(base: Node, op: str, root: Node, inputs: list[Value] | None = None, **a
     return Node(op, base.name, list(inputs if inputs is not None else base.inputs), list(root.outputs), new_attrs,
                 dict(base.params), base.origin)
 
-
-def forward(value_from: Value, root: Node, graph: Graph) -> None:
-    """Make every reader of the root's output read `value_from` instead (for removing a node
-    whose output equals one of its inputs). Graph outputs keep their names: if the root's
-    output is a graph output, the caller must keep a node producing it."""
-    old = root.outputs[0]
-    for n in graph.nodes:
-        if any(v is old for v in n.inputs):
-            n.inputs = [value_from if v is old else v for v in n.inputs]
