@@ -625,12 +625,14 @@ class _Call:
     root: str | None = None  # the repetition's name (`h`), for a loop
     checkpointed: tuple[tuple[int, int], ...] = ()  # block ranges recomputed in backward (lbdlc.checkpointing)
     note: str = ""  # where the spec asks for it
+    selective: bool = False  # recompute selectively (SELECTIVE_SUPPORT's policy)
 
 
 def _checkpointed_loop(call: _Call, loop: str, target: str, extra: list[str], taken: set[str]) -> list[str]:
     """A loop whose block ranges `call.checkpointed` run under torch.utils.checkpoint: their
     activations are recomputed in backward; the other blocks run as a plain loop."""
     n, args, ranges = len(call.modules), ", ".join([target] + extra), list(call.checkpointed)
+    kw = "use_reentrant=False" + (", context_fn=keep_products" if call.selective else "")
     start, stop = ("start", "stop") if not {"start", "stop"} & taken else ("start_", "stop_")
 
     def part(a: int, b: int) -> str:  # the slice of the ModuleList
@@ -644,17 +646,17 @@ def _checkpointed_loop(call: _Call, loop: str, target: str, extra: list[str], ta
             pos = run[-1][1]
         if run and all(b == a + 1 for a, b in run):  # one block per checkpoint
             if len(run) == 1:
-                lines.append(f"{target} = checkpoint({{self:{call.root}}}[{run[0][0]}], {args}, use_reentrant=False)  # {call.note}")
+                lines.append(f"{target} = checkpoint({{self:{call.root}}}[{run[0][0]}], {args}, {kw})  # {call.note}")
             else:
                 lines.append(f"for {loop} in {{self:{call.root}}}{part(run[0][0], run[-1][1])}:  # {call.note}")
-                lines.append(f"    {target} = checkpoint({loop}, {args}, use_reentrant=False)")
+                lines.append(f"    {target} = checkpoint({loop}, {args}, {kw})")
         elif len(run) == 1:
             a, b = run[0]
-            lines.append(f"{target} = checkpoint(run_blocks, {{self:{call.root}}}{part(a, b)}, {args}, use_reentrant=False)  # {call.note}")
+            lines.append(f"{target} = checkpoint(run_blocks, {{self:{call.root}}}{part(a, b)}, {args}, {kw})  # {call.note}")
         elif run:
             pairs = ", ".join(f"({a}, {b})" for a, b in run)
             lines.append(f"for {start}, {stop} in ({pairs}):  # {call.note}")
-            lines.append(f"    {target} = checkpoint(run_blocks, {{self:{call.root}}}[{start}:{stop}], {args}, use_reentrant=False)")
+            lines.append(f"    {target} = checkpoint(run_blocks, {{self:{call.root}}}[{start}:{stop}], {args}, {kw})")
         if run:
             continue
         end = ranges[0][0] if ranges else n
@@ -673,6 +675,28 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args: torch.Tensor) -> t
     for block in blocks:
         x = block(x, *args)
     return x
+'''
+
+
+SELECTIVE_SUPPORT = '''
+# Selective recomputation: inside a checkpoint, the outputs of these kernels are kept for
+# backward; every other op (pointwise, normalization, dropout) is recomputed from them.
+KEPT_KERNELS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def keep_kernel_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def keep_products():
+    return create_selective_checkpoint_contexts(keep_kernel_outputs)
 '''
 
 
@@ -792,9 +816,10 @@ def _class_source(cls: blocks.BlockClass, spec_file: str, module_attrs: set[str]
     )
 
 
-def _outer_view(graph: Graph, plan: blocks.Plan, checkpointed: dict | None = None, note: str = "") -> Graph:
+def _outer_view(graph: Graph, plan: blocks.Plan, checkpointed: dict | None = None, note: str = "",
+                selective: bool = False) -> Graph:
     """The model's own graph with each block instance (or chained repetition) as one call;
-    `checkpointed`: repetition -> block ranges recomputed in backward."""
+    `checkpointed`: repetition -> block ranges recomputed in backward (`selective`ly)."""
     starts = {inst.start: inst for inst in plan.instances}
     nodes, i = [], 0
     while i < len(graph.nodes):
@@ -812,7 +837,8 @@ def _outer_view(graph: Graph, plan: blocks.Plan, checkpointed: dict | None = Non
             singular = last[:-1] if last.endswith("s") else ""
             loop = singular if singular.isidentifier() and not keyword.iskeyword(singular) else "block"
         ranges = tuple((checkpointed or {}).get(root, ())) if root is not None else ()
-        nodes.append(Node(CALL, inst.prefix, list(members[0].inputs), list(members[-1].outputs), _Call(modules, loop, root, ranges, note)))
+        nodes.append(Node(CALL, inst.prefix, list(members[0].inputs), list(members[-1].outputs),
+                          _Call(modules, loop, root, ranges, note, selective)))
         i = members[-1].start + len(members[-1].nodes)
     return Graph(graph.name, graph.inputs, nodes, graph.outputs, graph.params)
 
@@ -827,11 +853,15 @@ def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_versio
     plan = blocks.plan(graph, _emit, _built, {cls, "Model"} | support_classes)
     ranges = checkpointing.by_root() if checkpointing is not None else {}
     where = f" ({Path(spec_file).name}:{checkpointing.line})" if ranges and checkpointing.line else ""
-    outer = _outer_view(graph, plan, ranges, f"recomputed in backward{where}")
+    selective = checkpointing is not None and checkpointing.selective
+    outer = _outer_view(graph, plan, ranges, f"recomputed{' selectively' if selective else ''} in backward{where}", selective)
     init_lines, forward_lines, var = _body(outer, spec_file, module_attrs)
     recomputed = [r for n in outer.nodes if n.op == CALL for r in n.attrs.checkpointed]
     ckpt_import = "from torch.utils.checkpoint import checkpoint\n" if recomputed else ""
     ckpt_support = CHECKPOINT_SUPPORT.strip() + "\n\n\n" if any(b > a + 1 for a, b in recomputed) else ""
+    if recomputed and selective:
+        ckpt_import = "from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts\n"
+        ckpt_support += SELECTIVE_SUPPORT.strip() + "\n\n\n"
     signature = ", ".join(f"{var[id(v)]}: torch.Tensor" for v in graph.inputs)
     results = [var[id(v)] for v in graph.outputs]
     shapes = "\n".join(f"        {v.name}: {v.type} {v.type.dtype}" for v in graph.inputs)

@@ -1,16 +1,17 @@
-"""Activation checkpointing: memory saved and step time paid, none vs sqrt vs budget, in one run.
+"""Activation checkpointing: memory saved and step time paid, none vs sqrt vs selective vs budget, in one run.
 
-A 24-block GPT at small width (specs/gpt2.yaml with overrides) is built three times with a
-training protocol whose `checkpointing:` is `none`, `sqrt` and `{budget: B}` (by default B
+A 24-block GPT at small width (specs/gpt2.yaml with overrides) is built four times with a
+training protocol whose `checkpointing:` is `none`, `sqrt`, `selective` and `{budget: B}` (by default B
 is halfway between the peak with every block recomputed and the peak without
 checkpointing, both predicted). For each build the script imports the generated model.py and
-train.py, copies one set of weights into all three, and measures
+train.py, copies one set of weights into all four, and measures
 
-- the activations kept for backward after the forward pass (saved_tensors_hooks, once per
-  storage: lbdlc.memory.measure_saved) and the peak of a training step (PeakMeter), next
+- the activations kept for backward after the forward pass (saved_tensors_hooks and the
+  storages the forward leaves alive, which include a selective policy's cache, once per
+  storage: lbdlc.memory.measure_kept) and the peak of a training step (PeakMeter), next
   to lbdlc's static predictions (lbdlc check --train, device cpu);
 - the median time of `train_step` (AdamW, next-token loss), steps alternating between the
-  three models after a warm-up.
+  four models after a warm-up.
 
     python benchmarks/checkpointing.py                    # 24 blocks, d_model 64, batch 8 x 128 tokens
     python benchmarks/checkpointing.py --d-model 128 --reps 9 --budget 200MB
@@ -101,7 +102,7 @@ def main() -> None:
         least = predicted(with_policy("all"))[1]
         most = predicted(with_policy("none"))[1]
         budget = str((least + most) // 2)
-    policies = {"none": "none", "sqrt": "sqrt", "budget": f"{{budget: {budget}}}"}
+    policies = {"none": "none", "sqrt": "sqrt", "selective": "selective", "budget": f"{{budget: {budget}}}"}
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, policy in policies.items():
@@ -111,15 +112,16 @@ def main() -> None:
     base = runs["none"]["gen"].Model()
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
     batch = {"tokens": tokens}
-    from lbdlc.memory import measure_saved
+    from lbdlc.memory import measure_kept
 
     for name, run in runs.items():
         model = run["gen"].Model()
         model.load_state_dict(base.state_dict())
         model.train()
         run["model"], run["optimizer"] = model, run["gen"].make_optimizer(model)
-        run["saved"] = measure_saved(model, tokens)
-        run["peak"] = measured_peak(run["gen"], model, run["optimizer"], batch)  # also the first (warm-up) step
+        run["saved"] = measure_kept(model, tokens)
+        run["gen"].train_step(model, run["optimizer"], [batch])  # warm-up: creates the optimizer state outside the meter
+        run["peak"] = measured_peak(run["gen"], model, run["optimizer"], batch)
         run["times"] = []
     order = list(runs)
     for k in range(1 + args.reps):
@@ -138,7 +140,7 @@ def main() -> None:
     none_time = statistics.median(runs["none"]["times"])
     for name, run in runs.items():
         acts, peak, plan = run["prediction"]
-        what = "-" if plan is None else plan.describe().split(" (")[0]
+        what = "-" if plan is None else plan.describe().split(" (")[0] + (" selectively" if plan.selective else "")
         label = name if name != "budget" else f"budget {human_size(int(plan.budget))}"
         t = statistics.median(run["times"])
         print(f"| {label} | {what} | {human_size(run['saved'])} ({human_size(acts)}) | {human_size(run['peak'])} ({human_size(peak)}) "

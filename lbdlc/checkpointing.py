@@ -18,6 +18,12 @@
   reaches is an error that states that minimum.
 - a list of blocks (`[h.0, h.1]`) or repetitions (`[h]`: each of its blocks): those, one
   block per checkpoint.
+- `selective`: every block, one per checkpoint, under a selective policy
+  (`torch.utils.checkpoint.create_selective_checkpoint_contexts`): the outputs of matrix
+  products, convolutions and attention kernels are kept, pointwise ops, normalizations and
+  dropout are recomputed. Most of the memory of `all` is saved (the pointwise and
+  normalization activations are the bulk of a transformer block's) for a small part of its
+  extra compute (recomputing them costs few FLOPs).
 
 Units are the chained repetitions `lbdlc.backends.pytorch_blocks` turns into `for` loops in
 model.py, so that the generated code wraps slices of the loop's ModuleList in
@@ -26,7 +32,7 @@ model.py, so that the generated code wraps slices of the loop's ModuleList in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import SpecError, did_you_mean
 from .ir import Graph, Node, Value
@@ -42,6 +48,7 @@ class Segment:
     stop: int
     nodes: list[Node] = field(repr=False)
     inputs: list[Value] = field(repr=False)
+    selective: bool = False  # keep matmul/convolution/attention outputs, recompute the rest
 
     @property
     def name(self) -> str:
@@ -60,7 +67,7 @@ class Loop:
 
 @dataclass
 class Plan:
-    policy: str  # none, all, sqrt, budget, blocks
+    policy: str  # none, all, sqrt, selective, budget, blocks
     segments: list[Segment]
     loops: dict[str, int]  # repetition -> its number of blocks
     line: int | None = None  # of `checkpointing:` in the spec
@@ -81,6 +88,10 @@ class Plan:
         return {r: tuple(v) for r, v in out.items()}
 
     @property
+    def selective(self) -> bool:
+        return self.policy == "selective"
+
+    @property
     def recomputed_blocks(self) -> int:
         return sum(s.stop - s.start for s in self.segments)
 
@@ -91,7 +102,8 @@ class Plan:
         for root, segs in self.by_root().items():
             parts.append(f"{root}: " + ", ".join(f"[{a}:{b}]" for a, b in segs) + f" of {self.loops[root]}")
         n, k = self.recomputed_blocks, len(self.segments)
-        return f"{n} block{'s' * (n != 1)} recomputed in {k} segment{'s' * (k != 1)} ({'; '.join(parts)})"
+        what = " (selectively: matmul, convolution and attention outputs kept)" if self.selective else ""
+        return f"{n} block{'s' * (n != 1)} recomputed{what} in {k} segment{'s' * (k != 1)} ({'; '.join(parts)})"
 
     def to_json(self) -> dict:
         c = self.config
@@ -100,6 +112,7 @@ class Plan:
             "budget": self.budget,
             "segments": [{"blocks": s.root, "start": s.start, "stop": s.stop} for s in self.segments],
             "recomputed_blocks": self.recomputed_blocks,
+            "selective": self.selective,
             "repetitions": dict(self.loops),
             "predicted_for": None if c is None else {"batch": c.batch, "sizes": dict(c.sizes), "precision": c.precision,
                                                      "device": c.device, "optimizer": c.optimizer.kind},
@@ -245,6 +258,8 @@ def make_plan(graph: Graph, policy, config: MemoryConfig | None, losses=None, lo
         kind, segments = "all", segments_of_length(found, 1)
     elif policy == "sqrt":
         kind, segments = "sqrt", sqrt_segments(found)
+    elif policy == "selective":
+        kind, segments = "selective", [replace(s, selective=True) for s in segments_of_length(found, 1)]
     elif isinstance(policy, CheckpointBudget):
         if config is None:
             raise SpecError("checkpointing: a budget needs the sizes of the symbolic dimensions", loc,
@@ -265,7 +280,7 @@ def _figures(plan: Plan, graph: Graph, config: MemoryConfig, losses) -> None:
     after = estimate(graph, config, plan.segments, losses, analysis=a)
     plan.activations_before, plan.activations_after = before.activations, after.activations
     plan.peak_before, plan.peak_after = before.peak, after.peak
-    plan.extra_flops = sum(a.flops[n.name] for s in plan.segments for n in s.nodes)
+    plan.extra_flops = sum(a.flops[n.name] for s in plan.segments for n in s.nodes if not (s.selective and a.cached[n.name]))
     plan.step_flops = 3 * sum(a.flops.values())
 
 

@@ -73,7 +73,7 @@ def check(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="With --train: adam, adamw, sgd, rmsprop or adagrad (default: the spec's)."),
     device: str = typer.Option("cuda", "--device", help="With --train: the device type whose kernels decide what is saved: cuda or cpu."),
     device_memory: Optional[str] = typer.Option(None, "--device-memory", help="With --train: say whether the peak fits this much memory (e.g. 24GiB); exit 1 if not."),
-    checkpointing: Optional[str] = typer.Option(None, "--checkpointing", help="With --train: a policy instead of the spec's: none, all, sqrt, a budget (2GiB), or blocks (h.0,h.1)."),
+    checkpointing: Optional[str] = typer.Option(None, "--checkpointing", help="With --train: a policy instead of the spec's: none, all, sqrt, selective, a budget (2GiB), or blocks (h.0,h.1)."),
 ) -> None:
     """Validate a spec and print each layer's op, output shape, parameters and FLOPs, without allocating weights."""
     from .analysis import summarize
@@ -130,10 +130,12 @@ def build(
     opt_level: Optional[int] = typer.Option(None, "-O", "--opt-level", min=0, max=3, help="Optimization level of the ONNX and TVM artifacts: -O0 none, -O1 clean-up (default), -O2 folding and fusion, -O3 -O2 plus clean-up."),
     passes: list[str] = typer.Option([], "--passes", help="Run exactly these passes, in order (comma-separated or repeated); `lbdlc passes` lists them. Overrides -O and the spec's `compile:`."),
     print_passes: bool = typer.Option(False, "--print-passes", help="Print the pass log: each pass with nodes, parameters and bytes before and after, its rewrites and time."),
-    quantize: Optional[str] = typer.Option(None, "-q", "--quantize", help="Weight-only block quantization of the linear layers: int8 (= q8_0), q8_0, q4_0 or q4_1; replaces the default of the spec's `quantize:`."),
+    quantize: Optional[str] = typer.Option(None, "-q", "--quantize", help="Quantize: int8 (ONNX Runtime int8 of model.onnx, dynamic unless the spec's `quantize:` says static), int8-dynamic, int8-static (calibrated QDQ), or weight-only blocks of the linear layers: q8_0, q4_0, q4_1; replaces the default of the spec's `quantize:`."),
     target: list[str] = typer.Option([], "--target", "-t", help="Deploy target (repeatable): a preset (`lbdlc targets`; options after a colon: h100:fp16, arm64:so) or a TVM target as JSON; a bundle each in <output>/deploy/<target>. Replaces the spec's `deploy:`."),
     tune: Optional[int] = typer.Option(None, "--tune", min=1, help="Tune each target's TVM library with MetaSchedule, N trials; the database is kept in <output>/tuning and reused while the graph is unchanged."),
     static: list[str] = typer.Option([], "--static", help="Fix a symbolic dimension in the deploy libraries, NAME=SIZE (repeatable); --tune fixes each one, at 1 unless given."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) applied to the base weights."),
+    merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapters (`finetune:` or --adapter) into the base weights: the base model's parameters and ops."),
 ) -> None:
     """Compile a spec: model.py, weights.safetensors, model.onnx, a TVM library and manifest.json."""
     from .driver import BuildOptions, build as run_build, parse_size
@@ -144,7 +146,7 @@ def build(
         out_dir = output or Path("out") / load(spec, overrides).name
         options = BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend), overrides=tuple(overrides), strict=strict, max_memory=limit,
                                passes=tuple(passes) if passes else None, level=opt_level, quantize=quantize,
-                               targets=tuple(target), tune=tune, static=tuple(static))
+                               targets=tuple(target), tune=tune, static=tuple(static), adapter=adapter, merge=merge)
         result = run_build(spec, out_dir, options)
     except (SpecError, SpecErrors) as exc:
         _fail(exc)
@@ -157,6 +159,10 @@ def build(
         from .cli_deploy import print_bundles
 
         print_bundles(result, out)
+    if result.manifest.get("quantization") or result.manifest.get("quantization_int8"):
+        from .cli_quant import print_report  # per matrix and per output: bytes and error against fp32
+
+        print_report(result.manifest, out)
     if print_passes:
         from .cli_passes import print_pass_log
 
@@ -182,6 +188,7 @@ def train(
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes for data-parallel training (torchrun --nproc_per_node)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <output>/run/checkpoint."),
     strict: bool = StrictOpt,
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from these weights (safetensors, the spec's names); with `finetune:` the base model's weights."),
 ) -> None:
     """Build a spec's model.py and train.py (PyTorch backend), then run train.py: exit 0 when training finished, 1 when it failed."""
     from .lower import load
@@ -189,7 +196,7 @@ def train(
 
     try:
         out_dir = output or Path("out") / load(spec, overrides).name
-        result = prepare(spec, out_dir, tuple(overrides), strict)
+        result = prepare(spec, out_dir, tuple(overrides), strict, weights=weights)
     except (SpecError, SpecErrors) as exc:
         _fail(exc)
     _warn(result.warnings)
@@ -207,6 +214,11 @@ def _verified(out_dir: Path, backends: tuple[str, ...], tolerance: float) -> boo
     if "pytorch" not in backends or len(backends) < 2:
         out.print("verify: needs the pytorch backend and at least one other", markup=False)
         return False
+    from .cli_quant import verify as verify_quantized  # fp32 model.py vs quantized artifacts: the quantization bound
+
+    quantized = verify_quantized(out_dir, backends, tolerance, out)
+    if quantized is not None:
+        return quantized
     inputs = random_inputs(out_dir, int_high=2)  # symbolic dims at 2; ids 0/1 fit any table
     ordered = ("pytorch",) + tuple(b for b in backends if b != "pytorch")
     agreement = compare(out_dir, inputs, ordered)

@@ -24,7 +24,7 @@ def _sizes(seq: int | None, size: list[str]) -> dict[str, int]:
 
 
 def _policy(text: str | None):
-    """--checkpointing none|all|sqrt|SIZE (a budget) or a comma-separated list of blocks."""
+    """--checkpointing none|all|sqrt|selective|SIZE (a budget) or a comma-separated list of blocks."""
     if text is None:
         return None
     from .memory import parse_size

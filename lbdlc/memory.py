@@ -369,6 +369,27 @@ for _op in ("add", "concat", "reshape", "flatten", "transpose", "permute", "sele
             "argmax", "timestep_embedding"):
     SAVES[_op] = _nothing
 
+
+# What selective recomputation keeps of an op (checkpointing `selective`: the generated
+# policy saves the outputs of matrix products, convolutions and attention kernels, and
+# recomputes everything else): the outputs of those kernels inside the op.
+def _cached_attention(c):
+    return [r for r in _attention(c) if r[0] == "new" and r[1] in ("q", "k", "v", "y", "logsumexp", "softmax", "dropped")] + [("out", 0)]
+
+
+def _cached_pre_activation(c):  # the product before the activation (a separate tensor)
+    from .ops.fused import activation_node
+
+    return [("out", 0)] if activation_node(c.node) is None else [("new", "pre_activation", c.n_out(), c.act())]
+
+
+CACHED: dict[str, Callable] = {
+    "linear": _output, "conv1d": _output, "conv2d": _output, "conv_transpose1d": _output, "conv_transpose2d": _output,
+    "matmul": _output, "lora_linear": _output, "linear_q": _output, "graph_conv": _output,
+    "fused_linear": _cached_pre_activation, "fused_conv2d": _cached_pre_activation,
+    "attention": _cached_attention, "scaled_dot_product_attention": lambda c: [("out", 0), ("new", "logsumexp", c.n_out() // c.node.outputs[0].type.shape[-1], 4)],
+}
+
 # Outputs that alias their input's storage (views), and ops that autocast runs in 16 bits / float32.
 VIEWS = {"reshape", "flatten", "transpose", "permute", "select", "slice", "split"}
 NON_CONTIGUOUS = {"transpose", "permute"}
@@ -397,6 +418,7 @@ class Analysis:
     storage: dict[int, tuple[str, int]]  # id(value) -> its storage (key, bytes)
     trainable: dict[str, bool]  # parameter name -> trainable
     grad_bytes: dict[str, int] = field(default_factory=dict)  # node name -> gradients live while its backward runs
+    cached: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # node name -> what selective recomputation keeps
 
 
 def _value_numel(v: Value, symbols: dict[str, int]) -> int:
@@ -453,6 +475,7 @@ def analyse(graph: Graph, config: MemoryConfig) -> Analysis:
         contiguous[id(v)], grad[id(v)] = True, False
 
     saves: dict[str, list[tuple[str, int]]] = {}
+    cached: dict[str, list[tuple[str, int]]] = {}
     out_bytes, in_bytes, flops, grads, grad_bytes = {}, {}, {}, {}, {}
     for node in graph.nodes:
         if node.op not in SAVES:
@@ -483,20 +506,27 @@ def analyse(graph: Graph, config: MemoryConfig) -> Analysis:
             grad[id(v)] = v.type.dtype.startswith(("float", "bfloat")) and (has_params or any(grad[id(u)] for u in node.inputs))
         ctx = _Ctx(config, node, num, lambda v: width[id(v)])
         kept: list[tuple[str, int]] = []
-        needs_grad = any(grad[id(u)] for u in node.inputs) or any(trainable.get(p, False) for p in node.params.values())
-        if needs_grad:
-            for ref in SAVES[node.op](ctx):
+
+        def resolve(refs) -> list[tuple[str, int]]:  # ("in", k) / ("out", k) / ("new", tag, elements, width) -> storages
+            out = []
+            for ref in refs:
                 if ref[0] == "in":
                     v = node.inputs[ref[1]]
                     if half and node.op in HALF_OPS and width[id(v)] == 4 and v.type.dtype == "float32":
-                        kept.append((f"{node.name}:in{ref[1]}@16", num(v) * 2))  # autocast's 16-bit copy
+                        out.append((f"{node.name}:in{ref[1]}@16", num(v) * 2))  # autocast's 16-bit copy
                     else:
-                        kept.append(storage[id(v)])
+                        out.append(storage[id(v)])
                 elif ref[0] == "out":
-                    kept.append(storage[id(node.outputs[ref[1]])])
+                    out.append(storage[id(node.outputs[ref[1]])])
                 else:
                     _, tag, elements, per = ref
-                    kept.append((f"{node.name}:{tag}", elements * per))
+                    out.append((f"{node.name}:{tag}", elements * per))
+            return out
+
+        needs_grad = any(grad[id(u)] for u in node.inputs) or any(trainable.get(p, False) for p in node.params.values())
+        cached[node.name] = resolve(CACHED[node.op](ctx)) if node.op in CACHED else []
+        if needs_grad:
+            kept += resolve(SAVES[node.op](ctx))
             if half and node.op in HALF_OPS:  # autocast's 16-bit copies of the weight matrices
                 for full in node.params.values():
                     prm = graph.params[full]
@@ -540,7 +570,7 @@ def analyse(graph: Graph, config: MemoryConfig) -> Analysis:
     for i, n in enumerate(graph.nodes):
         running += crossing[i]
         grad_bytes[n.name] += running
-    return Analysis(config, saves, out_bytes, in_bytes, flops, grads, storage, trainable, grad_bytes)
+    return Analysis(config, saves, out_bytes, in_bytes, flops, grads, storage, trainable, grad_bytes, cached)
 
 
 # ---------------------------------------------------------------------------------------
@@ -601,6 +631,7 @@ class _Unit:
     nodes: list[Node]
     inputs: list[Value] = field(default_factory=list)  # a segment's inputs (what checkpoint keeps)
     segment: bool = False
+    selective: bool = False  # a segment recomputed selectively (keeps what `Analysis.cached` says)
 
 
 def _units(graph: Graph, segments) -> list[_Unit]:
@@ -612,7 +643,7 @@ def _units(graph: Graph, segments) -> list[_Unit]:
             units.append(_Unit(graph.nodes[i].name, [graph.nodes[i]]))
             i += 1
         else:
-            units.append(_Unit(s.name, list(s.nodes), list(s.inputs), True))
+            units.append(_Unit(s.name, list(s.nodes), list(s.inputs), True, getattr(s, "selective", False)))
             i += len(s.nodes)
     return units
 
@@ -628,7 +659,8 @@ def saved_bytes(a: Analysis, graph: Graph, segments=None) -> int:
 
 def _kept(a: Analysis, u: _Unit) -> list[tuple[str, int]]:
     if u.segment:
-        return [a.storage[id(v)] for v in u.inputs]
+        inputs = [a.storage[id(v)] for v in u.inputs]
+        return inputs + [kb for n in u.nodes for kb in a.cached[n.name]] if u.selective else inputs
     return a.saves[u.nodes[0].name]
 
 
@@ -742,9 +774,12 @@ def estimate(graph: Graph, config: MemoryConfig, segments=None, losses=None, pla
     opt = config.optimizer
     optimizer = opt.states * sum(p.numel * 4 for p in train_params) + (4 * len(train_params) if opt.step_counter else 0)
     # The optimizer step's temporaries: foreach kernels (CUDA's default) make one list of
-    # parameter-sized tensors; CPU's per-tensor loop two temporaries of one tensor at a time.
-    biggest = max((p.numel * 4 for p in train_params), default=0)
-    opt_transient = 0 if opt.states == 0 else (grads if config.device == "cuda" else 2 * biggest)
+    # parameter-sized tensors; CPU's per-tensor loop two temporaries of one tensor at a time,
+    # while one of the previous tensor's is still referenced (measured: 3x one of 4 equal
+    # tensors, 2x a single one).
+    sizes = [p.numel * 4 for p in train_params]
+    loop = max((2 * b + (sizes[k - 1] if k else 0) for k, b in enumerate(sizes)), default=0)
+    opt_transient = 0 if opt.states == 0 else (grads if config.device == "cuda" else loop)
     loss = loss_bytes(graph, a, losses)
     outputs = sum(a.storage[id(v)][1] for v in graph.outputs)
     peak, where, activations = timeline_peak(a, graph, segments, weights + optimizer, grads, opt_transient, loss, outputs)
@@ -802,6 +837,34 @@ def measure_saved(module, *inputs, loss_fn=None) -> int:
     return sum(kept.values())
 
 
+def measure_kept(module, *inputs) -> int:
+    """Bytes `module(*inputs)` keeps for backward, including the kernel outputs a selective
+    checkpoint policy caches, which saved_tensors_hooks (`measure_saved`) does not see: the
+    storages packed by the hooks (the inputs among them) together with every storage the
+    forward created that is still alive beside its outputs, once per storage."""
+    import torch
+
+    params = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    packed: dict[int, int] = {}
+    holders = []
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.nbytes():
+            packed.setdefault(s.data_ptr(), s.nbytes())
+        holders.append(t)
+        return t
+
+    meter = PeakMeter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), meter:
+        out = module(*inputs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    result = {t.untyped_storage().data_ptr() for t in outs if isinstance(t, torch.Tensor)}
+    alive = {key: n for key, n in meter.sizes.items() if key not in result}
+    holders.clear()
+    return sum((packed | alive).values())
+
+
 class PeakMeter:
     """Live bytes of tensors created by PyTorch ops while active (a TorchDispatchMode), and their
     high-water mark: a measured peak on any device, including the CPU, whose allocator keeps no
@@ -822,6 +885,7 @@ class PeakMeter:
         self._torch, self._mode = torch, _Mode()
         self.live = self.peak = 0
         self._seen: set[int] = set()
+        self.sizes: dict[int, int] = {}  # live storage -> bytes
 
     def _record(self, out, args, kwargs):
         import weakref
@@ -838,6 +902,7 @@ class PeakMeter:
             if n == 0 or key in inputs or key in self._seen:
                 continue
             self._seen.add(key)
+            self.sizes[key] = n
             self.live += n
             self.peak = max(self.peak, self.live)
             weakref.finalize(s, self._free, key, n)
@@ -845,6 +910,7 @@ class PeakMeter:
     def _free(self, key: int, n: int) -> None:
         if key in self._seen:
             self._seen.discard(key)
+            self.sizes.pop(key, None)
             self.live -= n
 
     def __enter__(self):

@@ -49,8 +49,8 @@ def gradients(net, xs, loss_fn) -> dict:
     return {"loss": loss.detach()} | {n: p.grad for n, p in net.named_parameters()}
 
 
-@pytest.mark.parametrize("policy", ["all", "sqrt", ["h.1"], CheckpointBudget(budget=2_200_000)],
-                         ids=["all", "sqrt", "h.1", "budget"])
+@pytest.mark.parametrize("policy", ["all", "sqrt", "selective", ["h.1"], CheckpointBudget(budget=2_200_000)],
+                         ids=["all", "sqrt", "selective", "h.1", "budget"])
 def test_gpt2_gradients_are_bitwise_equal(policy):
     graph, sizes = graph_of("gpt2")  # dropout 0.1 on: recomputation replays the same masks
     plan = make_plan(graph, policy, config(sizes))
@@ -79,11 +79,15 @@ def test_transformer_decoder_blocks_take_the_encoder_output_through_checkpoint()
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_resnet50_gradients_are_bitwise_equal():
+@pytest.mark.parametrize("policy", ["sqrt", "selective"])
+def test_resnet50_gradients_are_bitwise_equal(policy):
     graph, sizes = graph_of("resnet50")
-    plan = make_plan(graph, "sqrt", config(sizes))
-    assert [(s.root, s.start, s.stop) for s in plan.segments] == [
-        ("layer1", 0, 3), ("layer2", 0, 4), ("layer3", 0, 3), ("layer3", 3, 6), ("layer4", 0, 3)]
+    plan = make_plan(graph, policy, config(sizes))
+    if policy == "sqrt":
+        assert [(s.root, s.start, s.stop) for s in plan.segments] == [
+            ("layer1", 0, 3), ("layer2", 0, 4), ("layer3", 0, 3), ("layer3", 3, 6), ("layer4", 0, 3)]
+    else:  # every bottleneck block, one per checkpoint
+        assert len(plan.segments) == 16 and all(s.selective and s.stop == s.start + 1 for s in plan.segments)
     with one_thread():
         plain, recomputed = model(graph), model(graph, plan)
         recomputed.load_state_dict(plain.state_dict())
@@ -195,6 +199,28 @@ def test_model_py_recomputes_what_the_plan_says_and_the_manifest_reports_it(writ
     plain = build(path, tmp_path / "none", BuildOptions(backends=("pytorch",), overrides=overrides)).out_dir.joinpath("model.py").read_text()
     assert "checkpoint" not in plain
     assert "checkpointing" not in json.loads((tmp_path / "none" / "manifest.json").read_text())
+
+
+def test_selective_recomputation_keeps_kernel_outputs_in_model_py(write_spec, tmp_path):
+    """`selective`: each block under checkpoint with a policy that keeps what mm/addmm/bmm,
+    convolutions and attention kernels compute; the plan counts none of their FLOPs as extra."""
+    path, line = gpt_spec(write_spec, "selective")
+    overrides = ("n_layer=4", "d_model=32", "n_head=2", "vocab=50", "ctx=64")
+    result = build(path, tmp_path / "out", BuildOptions(backends=("pytorch",), overrides=overrides))
+    source = (result.out_dir / "model.py").read_text()
+    assert "from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts\n" in source
+    assert f"        for block in self.h:  # recomputed selectively in backward (spec.yaml:{line})\n" \
+           "            x = checkpoint(block, x, use_reentrant=False, context_fn=keep_products)\n" in source
+    assert "torch.ops.aten.addmm.default" in source and "return create_selective_checkpoint_contexts(keep_kernel_outputs)" in source
+    report = json.loads((result.out_dir / "manifest.json").read_text())["checkpointing"]
+    assert report["policy"] == "selective" and report["selective"] and report["recomputed_blocks"] == 4
+    acts = report["activations_bytes"]
+    assert 0 < acts["with"] < acts["without"]
+    # The only forward FLOPs recomputed are the pointwise ops and norms: a few percent of a step.
+    every = build(gpt_spec(write_spec, "all")[0], tmp_path / "all", BuildOptions(backends=("pytorch",), overrides=overrides))
+    every = json.loads((every.out_dir / "manifest.json").read_text())["checkpointing"]
+    assert 0 < report["extra_compute"] < 0.05 < every["extra_compute"]
+    assert report["extra_flops_per_step"] < every["extra_flops_per_step"] / 10
 
 
 def test_check_train_shows_the_plan(cli, write_spec):

@@ -75,6 +75,8 @@ class DigitsData(DataBase):
     flatten: bool = False  # [1, H, W] -> [H * W]
     augment: Augment | None = None
     target: ScopedName | None = None  # the output the labels are for; default: the first loss's
+    range: tuple[float, float] = (0.0, 1.0)  # pixel values scaled to [low, high] (e.g. [-1, 1] for a tanh GAN)
+    classes: list[Annotated[int, Field(ge=0, le=9)]] | None = Field(None, min_length=1)  # keep only these digits (labels unchanged)
 
 
 class SyntheticData(DataBase):
@@ -214,12 +216,86 @@ class CLIPLoss(LossBase):
     kind: Literal["clip"]
 
 
+class GANLoss(LossBase):
+    """Non-saturating GAN losses with alternating steps (Goodfellow et al. 2014): each training
+    step makes `d_steps` discriminator updates, then one generator update. `fake` and `real`
+    are the discriminator's logits on generated and on real samples; `noise` is the model
+    input drawn from N(0, I) at every forward pass (the data feeds the other inputs).
+    `output` is not used. See lbdlc/training/special.py."""
+
+    kind: Literal["gan"]
+    fake: ScopedName
+    real: ScopedName
+    noise: Identifier
+    generator: list[str] = Field(default_factory=lambda: ["generator.*"], min_length=1)  # parameter name patterns
+    discriminator: list[str] = Field(default_factory=lambda: ["discriminator.*"], min_length=1)
+    d_steps: PositiveInt = 1  # discriminator updates per generator update
+    real_label: Annotated[float, Field(gt=0, le=1)] = 1.0  # < 1: one-sided label smoothing
+
+
+class TDTransitions(StrictModel):
+    """Names of the transition arrays in the .npz file (the state is the model's input)."""
+
+    action: str = "action"
+    reward: str = "reward"
+    next_state: str = "next_state"
+    done: str = "done"
+
+
+class TDLoss(LossBase):
+    """DQN temporal-difference loss (Mnih et al. 2015): Q(s, a) of the output against
+    y = r + gamma * (1 - done) * max_a' Q(s', a'; w-bar), where w-bar is a frozen copy of the
+    weights refreshed every `target_sync` optimizer steps."""
+
+    kind: Literal["td"]
+    gamma: Annotated[float, Field(ge=0, le=1)] = 0.99
+    target_sync: PositiveInt = 1000
+    error: Literal["huber", "mse"] = "huber"
+    delta: PositiveFloat = 1.0  # huber only
+    transitions: TDTransitions = TDTransitions()
+
+
+class MaskedLMLoss(LossBase):
+    """BERT's masked-LM loss: positions of the token input are chosen with probability
+    `mask_prob`; a chosen token becomes `mask_id` 80% of the time, a random token 10%, stays
+    10%; cross-entropy of the output's logits at the chosen positions only."""
+
+    kind: Literal["masked_lm"]
+    tokens: Identifier | None = None  # the token-id input; default: the only integer input
+    mask_prob: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    mask_id: NonNegativeInt | None = None  # default: the last id of the vocabulary (reserved)
+
+    @property
+    def ignore_index(self) -> int:
+        return -100  # the label of positions that were not chosen
+
+
+class TripletLoss(LossBase):
+    """F.triplet_margin_loss of three embedding outputs: `output` (anchors), `positive`, `negative`."""
+
+    kind: Literal["triplet"]
+    positive: ScopedName
+    negative: ScopedName
+    margin: PositiveFloat = 1.0
+    p: PositiveFloat = 2.0
+    swap: bool = False
+
+
+class ContrastiveLoss(LossBase):
+    """Contrastive loss of pairs (Hadsell et al. 2006): with d = |output - other|_2 and a 0/1
+    target y (1: similar), y * d^2 + (1 - y) * max(0, margin - d)^2, halved, mean over pairs."""
+
+    kind: Literal["contrastive"]
+    other: ScopedName
+    margin: PositiveFloat = 1.0
+
+
 LossSpec = Annotated[
     Union[MSELoss, L1Loss, SmoothL1Loss, HuberLoss, CrossEntropyLoss, BinaryCrossEntropyLoss, NLLLoss, KLDivLoss, NextTokenLoss,
-          VAELoss, CLIPLoss],
+          VAELoss, CLIPLoss, GANLoss, TDLoss, MaskedLMLoss, TripletLoss, ContrastiveLoss],
     Field(discriminator="kind"),
 ]
-CLASS_LOSSES = ("cross_entropy", "nll", "next_token")  # targets are class ids
+CLASS_LOSSES = ("cross_entropy", "nll", "next_token", "masked_lm")  # targets are class ids
 
 # ---------------------------------------------------------------------------------------
 # Optimizers
@@ -366,7 +442,7 @@ class Log(StrictModel):
 # Activation checkpointing (lbdlc/checkpointing.py, docs/training.md): recompute repeated
 # blocks in backward instead of keeping their activations.
 
-CHECKPOINT_POLICIES = ("none", "all", "sqrt")
+CHECKPOINT_POLICIES = ("none", "all", "sqrt", "selective")
 CHECKPOINT_TAGS = ("<policy>", "<budget>", "<blocks>")  # union members; never keys of the data
 
 
@@ -374,7 +450,7 @@ def _policy_name(value):
     if isinstance(value, str) and value not in CHECKPOINT_POLICIES:
         close = did_you_mean(value, CHECKPOINT_POLICIES)
         raise ValueError(f"unknown checkpointing policy '{value}'" + (f" ({close})" if close else "")
-                         + ": choose none, all, sqrt, a mapping {budget: 2GiB}, or a list of blocks")
+                         + ": choose none, all, sqrt, selective, a mapping {budget: 2GiB}, or a list of blocks")
     return value
 
 
@@ -413,7 +489,7 @@ def _checkpointing_member(value) -> str:
 
 CheckpointingSpec = Annotated[
     Union[
-        Annotated[Literal["none", "all", "sqrt"], BeforeValidator(_policy_name), Tag("<policy>")],
+        Annotated[Literal["none", "all", "sqrt", "selective"], BeforeValidator(_policy_name), Tag("<policy>")],
         Annotated[CheckpointBudget, Tag("<budget>")],
         Annotated[list[ScopedName], Field(min_length=1), Tag("<blocks>")],
     ],
@@ -442,6 +518,9 @@ class TrainSpec(StrictModel):
     early_stopping: EarlyStopping | None = None
     checkpoint: Checkpoint | None = None
     log: Log = Log()
+    # DistributedDataParallel(find_unused_parameters=...): default true exactly when some
+    # trainable parameter cannot reach a loss (lbdlc/training/special.py).
+    find_unused_parameters: bool | None = None
     checkpointing: CheckpointingSpec = "none"  # recompute repeated blocks in backward (lbdlc/checkpointing.py)
 
     def loss_list(self) -> list:
