@@ -4,7 +4,7 @@ The layout (chosen to match how the specs in specs/ are written, so that formatt
 changes little):
 - 2-space indentation; block sequences indented under their key (`layers:` / `  - ...`).
 - Top-level keys in the order lbdlc, extends, name, description, vars, inputs, blocks,
-  layers, outputs, train, compile, then any others as written. A block definition's keys:
+  layers, outputs, train, finetune, compile, quantize, deploy, then any others as written. A block definition's keys:
   description, inputs, params, layers, outputs.
 - A layer is one flow mapping on one line: name, op, its attributes (and repeat, when,
   tie) as written, and its inputs `in` last, the way specs/ writes them. A layer with
@@ -40,7 +40,7 @@ import yaml
 from .errors import SpecError
 from .source import Loc, _Loader, load_yaml_text
 
-TOP_ORDER = ("lbdlc", "extends", "name", "description", "vars", "inputs", "blocks", "layers", "outputs", "train", "compile", "quantize")
+TOP_ORDER = ("lbdlc", "extends", "name", "description", "vars", "inputs", "blocks", "layers", "outputs", "train", "finetune", "compile", "quantize", "deploy")
 LAYER_FIRST = ("name", "op")
 LAYER_LAST = ("in",)
 BLOCK_ORDER = ("description", "inputs", "params", "layers", "outputs")

@@ -507,7 +507,7 @@ def analyse(graph: Graph, config: MemoryConfig) -> Analysis:
         ctx = _Ctx(config, node, num, lambda v: width[id(v)])
         kept: list[tuple[str, int]] = []
 
-        def resolve(refs) -> list[tuple[str, int]]:  # ("in", k) / ("out", k) / ("new", tag, elements, width) -> storages
+        def resolve(refs, node=node) -> list[tuple[str, int]]:  # ("in", k) / ("out", k) / ("new", tag, elements, width) -> storages
             out = []
             for ref in refs:
                 if ref[0] == "in":

@@ -142,6 +142,18 @@ def test_canonical_layout():
     assert _comments(MESSY_FORMATTED) == _comments(MESSY)
 
 
+def test_deployment_finetune_and_quantize_sections_go_in_their_place():
+    """deploy:, quantize:, compile: and finetune: have fixed places after train:, whatever the order written."""
+    text = ("deploy:\n  targets: [x86, {name: pi, preset: arm64}]\nlbdlc: 1\nquantize: {format: q8_0}\n"
+            "inputs:\n  x: {shape: [batch, 4]}\nfinetune:\n  lora: {r: 4}\ncompile: {opt_level: 2}\n"
+            "layers:\n  - {name: fc, op: linear, out_features: 3}\n")
+    formatted = format_text(text, "t.yaml")
+    assert formatted == ("lbdlc: 1\ninputs:\n  x: {shape: [batch, 4]}\nlayers:\n  - {name: fc, op: linear, out_features: 3}\n"
+                         "finetune:\n  lora: {r: 4}\ncompile:\n  opt_level: 2\nquantize:\n  format: q8_0\n"
+                         "deploy:\n  targets: [x86, {name: pi, preset: arm64}]\n")
+    assert format_text(formatted, "t.yaml") == formatted
+
+
 def test_long_layers_with_nested_mappings_go_block_style():
     text = ("lbdlc: 1\ninputs:\n  x: {shape: [batch, 4]}\nlayers:\n"
             "  - {name: fc, op: linear, out_features: 3, init: {weight: {kind: normal, std: 0.02}, bias: {kind: zeros}}}  # c\n"
