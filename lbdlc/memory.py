@@ -33,6 +33,7 @@ not measured by this project's tests.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -812,10 +813,10 @@ def estimate(graph: Graph, config: MemoryConfig, segments=None, losses=None, pla
 # Measurement (for tests and benchmarks; needs torch)
 
 
-def measure_saved(module, *inputs, loss_fn=None) -> int:
-    """Bytes autograd keeps for backward after `module(*inputs)` (and `loss_fn(output)` when
-    given): every tensor packed by `torch.autograd.graph.saved_tensors_hooks`, once per
-    storage, leaving out the module's parameters and buffers."""
+@contextlib.contextmanager
+def _packed(module):
+    """While active: the storages autograd packs for backward (saved_tensors_hooks), once each,
+    as address -> bytes, leaving out the module's parameters and buffers."""
     import torch
 
     params = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
@@ -830,10 +831,18 @@ def measure_saved(module, *inputs, loss_fn=None) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
+    holders.clear()
+
+
+def measure_saved(module, *inputs, loss_fn=None) -> int:
+    """Bytes autograd keeps for backward after `module(*inputs)` (and `loss_fn(output)` when
+    given): every tensor packed by `torch.autograd.graph.saved_tensors_hooks`, once per
+    storage, leaving out the module's parameters and buffers."""
+    with _packed(module) as kept:
         out = module(*inputs)
         if loss_fn is not None:
             out = loss_fn(out)
-    holders.clear()
     return sum(kept.values())
 
 
@@ -844,24 +853,12 @@ def measure_kept(module, *inputs) -> int:
     forward created that is still alive beside its outputs, once per storage."""
     import torch
 
-    params = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
-    packed: dict[int, int] = {}
-    holders = []
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.nbytes():
-            packed.setdefault(s.data_ptr(), s.nbytes())
-        holders.append(t)
-        return t
-
     meter = PeakMeter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), meter:
+    with _packed(module) as packed, meter:
         out = module(*inputs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     result = {t.untyped_storage().data_ptr() for t in outs if isinstance(t, torch.Tensor)}
     alive = {key: n for key, n in meter.sizes.items() if key not in result}
-    holders.clear()
     return sum((packed | alive).values())
 
 

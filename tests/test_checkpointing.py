@@ -49,12 +49,8 @@ def gradients(net, xs, loss_fn) -> dict:
     return {"loss": loss.detach()} | {n: p.grad for n, p in net.named_parameters()}
 
 
-@pytest.mark.parametrize("policy", ["all", "sqrt", "selective", ["h.1"], CheckpointBudget(budget=2_200_000)],
-                         ids=["all", "sqrt", "selective", "h.1", "budget"])
-def test_gpt2_gradients_are_bitwise_equal(policy):
-    graph, sizes = graph_of("gpt2")  # dropout 0.1 on: recomputation replays the same masks
-    plan = make_plan(graph, policy, config(sizes))
-    assert plan.segments
+def assert_same_gradients(graph, sizes: dict, plan) -> None:
+    """The loss and every gradient of model.py with `plan` equal those without it, bit for bit."""
     with one_thread():
         plain, recomputed = model(graph), model(graph, plan)
         recomputed.load_state_dict(plain.state_dict())
@@ -65,18 +61,21 @@ def test_gpt2_gradients_are_bitwise_equal(policy):
         assert torch.equal(expected[name], got[name]), name
 
 
+@pytest.mark.parametrize("policy", ["all", "sqrt", "selective", ["h.1"], CheckpointBudget(budget=2_200_000)],
+                         ids=["all", "sqrt", "selective", "h.1", "budget"])
+def test_gpt2_gradients_are_bitwise_equal(policy):
+    graph, sizes = graph_of("gpt2")  # dropout 0.1 on: recomputation replays the same masks
+    plan = make_plan(graph, policy, config(sizes))
+    assert plan.segments
+    assert_same_gradients(graph, sizes, plan)
+
+
 def test_transformer_decoder_blocks_take_the_encoder_output_through_checkpoint():
     """Loops whose blocks read a second input (the decoder's memory): `run_blocks(blocks, x, memory)`."""
     graph, sizes = graph_of("transformer")
     plan = make_plan(graph, "sqrt", config(sizes))
     assert {s.root for s in plan.segments} == {"encoder.layers", "decoder.layers"}
-    with one_thread():
-        plain, recomputed = model(graph), model(graph, plan)
-        recomputed.load_state_dict(plain.state_dict())
-        xs = inputs(graph, sizes)
-        expected, got = gradients(plain, xs, loss_of(graph, xs)), gradients(recomputed, xs, loss_of(graph, xs))
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    assert_same_gradients(graph, sizes, plan)
 
 
 @pytest.mark.parametrize("policy", ["sqrt", "selective"])
@@ -88,13 +87,7 @@ def test_resnet50_gradients_are_bitwise_equal(policy):
             ("layer1", 0, 3), ("layer2", 0, 4), ("layer3", 0, 3), ("layer3", 3, 6), ("layer4", 0, 3)]
     else:  # every bottleneck block, one per checkpoint
         assert len(plan.segments) == 16 and all(s.selective and s.stop == s.start + 1 for s in plan.segments)
-    with one_thread():
-        plain, recomputed = model(graph), model(graph, plan)
-        recomputed.load_state_dict(plain.state_dict())
-        xs = inputs(graph, sizes)
-        expected, got = gradients(plain, xs, loss_of(graph, xs)), gradients(recomputed, xs, loss_of(graph, xs))
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    assert_same_gradients(graph, sizes, plan)
 
 
 def test_sqrt_cuts_saved_activations_3x_on_a_24_block_gpt():
@@ -175,50 +168,47 @@ def test_policy_errors_are_located(cli, write_spec):
     assert code == 2 and "this model has no repeated blocks to recompute" in located(err, mlp, mlp_line, "sqrt")
 
 
-def test_model_py_recomputes_what_the_plan_says_and_the_manifest_reports_it(write_spec, tmp_path):
-    path, line = gpt_spec(write_spec, "sqrt")
+def built_small_gpt(write_spec, out, policy: str):
+    """(model.py's source, the manifest's checkpointing report or None, line of `checkpointing:`)
+    of a 4-block GPT-2 built with `policy`."""
+    path, line = gpt_spec(write_spec, policy)
     overrides = ("n_layer=4", "d_model=32", "n_head=2", "vocab=50", "ctx=64")
-    result = build(path, tmp_path / "out", BuildOptions(backends=("pytorch",), overrides=overrides))
-    source = (result.out_dir / "model.py").read_text()
+    result = build(path, out, BuildOptions(backends=("pytorch",), overrides=overrides))
+    return (result.out_dir / "model.py").read_text(), json.loads((result.out_dir / "manifest.json").read_text()).get("checkpointing"), line
+
+
+def test_model_py_recomputes_what_the_plan_says_and_the_manifest_reports_it(write_spec, tmp_path):
+    source, report, line = built_small_gpt(write_spec, tmp_path / "out", "sqrt")
     assert "from torch.utils.checkpoint import checkpoint\n" in source
     assert f"        for start, stop in ((0, 2), (2, 4)):  # recomputed in backward (spec.yaml:{line})\n" \
            "            x = checkpoint(run_blocks, self.h[start:stop], x, use_reentrant=False)\n" in source
-    report = json.loads((result.out_dir / "manifest.json").read_text())["checkpointing"]
     assert report["policy"] == "sqrt" and report["segments"] == [{"blocks": "h", "start": 0, "stop": 2}, {"blocks": "h", "start": 2, "stop": 4}]
     assert report["predicted_for"]["batch"] == 8 and report["predicted_for"]["sizes"] == {"seq": 64}
     assert 0 < report["activations_bytes"]["with"] < report["activations_bytes"]["without"]
     assert report["extra_flops_per_step"] > 0 and 0 < report["extra_compute"] < 0.34  # at most one forward of 3
     # One block per checkpoint: the loop itself.
-    path, line = gpt_spec(write_spec, "all")
-    source = build(path, tmp_path / "all", BuildOptions(backends=("pytorch",), overrides=overrides)).out_dir.joinpath("model.py").read_text()
+    source, _, line = built_small_gpt(write_spec, tmp_path / "all", "all")
     assert f"        for block in self.h:  # recomputed in backward (spec.yaml:{line})\n" \
            "            x = checkpoint(block, x, use_reentrant=False)\n" in source
     assert "def run_blocks" not in source
     # Without checkpointing, model.py is what it always was.
-    path, _ = gpt_spec(write_spec, "none")
-    plain = build(path, tmp_path / "none", BuildOptions(backends=("pytorch",), overrides=overrides)).out_dir.joinpath("model.py").read_text()
-    assert "checkpoint" not in plain
-    assert "checkpointing" not in json.loads((tmp_path / "none" / "manifest.json").read_text())
+    plain, report, _ = built_small_gpt(write_spec, tmp_path / "none", "none")
+    assert "checkpoint" not in plain and report is None
 
 
 def test_selective_recomputation_keeps_kernel_outputs_in_model_py(write_spec, tmp_path):
     """`selective`: each block under checkpoint with a policy that keeps what mm/addmm/bmm,
     convolutions and attention kernels compute; the plan counts none of their FLOPs as extra."""
-    path, line = gpt_spec(write_spec, "selective")
-    overrides = ("n_layer=4", "d_model=32", "n_head=2", "vocab=50", "ctx=64")
-    result = build(path, tmp_path / "out", BuildOptions(backends=("pytorch",), overrides=overrides))
-    source = (result.out_dir / "model.py").read_text()
+    source, report, line = built_small_gpt(write_spec, tmp_path / "out", "selective")
     assert "from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts\n" in source
     assert f"        for block in self.h:  # recomputed selectively in backward (spec.yaml:{line})\n" \
            "            x = checkpoint(block, x, use_reentrant=False, context_fn=keep_products)\n" in source
     assert "torch.ops.aten.addmm.default" in source and "return create_selective_checkpoint_contexts(keep_kernel_outputs)" in source
-    report = json.loads((result.out_dir / "manifest.json").read_text())["checkpointing"]
     assert report["policy"] == "selective" and report["selective"] and report["recomputed_blocks"] == 4
     acts = report["activations_bytes"]
     assert 0 < acts["with"] < acts["without"]
     # The only forward FLOPs recomputed are the pointwise ops and norms: a few percent of a step.
-    every = build(gpt_spec(write_spec, "all")[0], tmp_path / "all", BuildOptions(backends=("pytorch",), overrides=overrides))
-    every = json.loads((every.out_dir / "manifest.json").read_text())["checkpointing"]
+    _, every, _ = built_small_gpt(write_spec, tmp_path / "all", "all")
     assert 0 < report["extra_compute"] < 0.05 < every["extra_compute"]
     assert report["extra_flops_per_step"] < every["extra_flops_per_step"] / 10
 
