@@ -33,7 +33,7 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ()
     use_rslora: bool = False
-    task_type: str | None = "CAUSAL_LM"
+    task_type: str | None = None  # PEFT's task ("CAUSAL_LM" for a language model); None: a plain module
     base_model_name_or_path: str | None = None
 
     @property
@@ -58,8 +58,10 @@ def lora_nodes(graph: Graph) -> dict:
 
 
 def save_adapter(graph: Graph, weights: dict, out_dir: str | Path, base_model: str | None = None,
-                 task_type: str | None = "CAUSAL_LM", alpha: float | None = None, rslora: bool = False) -> list[Path]:
-    """Write the graph's LoRA adapters in PEFT's layout; returns the two paths."""
+                 task_type: str | None = None, alpha: float | None = None, rslora: bool = False,
+                 rename: dict[str, str] | None = None) -> list[Path]:
+    """Write the graph's LoRA adapters in PEFT's layout; returns the two paths. `rename` maps
+    the spec's layer names to another model's module names (as for loading, the other way)."""
     from safetensors.torch import save_file
 
     nodes = lora_nodes(graph)
@@ -73,13 +75,14 @@ def save_adapter(graph: Graph, weights: dict, out_dir: str | Path, base_model: s
     r, scale = ranks.pop(), scales.pop()
     if alpha is None:
         alpha = scale * (r ** 0.5 if rslora else r)
-    cfg = AdapterConfig(r, alpha, dropouts.pop() if len(dropouts) == 1 else 0.0, tuple(sorted(nodes)), rslora, task_type, base_model)
+    modules = {name: _rename(name, rename) for name in nodes}
+    cfg = AdapterConfig(r, alpha, dropouts.pop() if len(dropouts) == 1 else 0.0, tuple(sorted(modules.values())), rslora, task_type, base_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name in sorted(nodes):
         for part in ("lora_A", "lora_B"):
-            tensors[f"{PREFIX}{name}.{part}.weight"] = weights[f"{name}.{part}.weight"].detach().float().contiguous()
+            tensors[f"{PREFIX}{modules[name]}.{part}.weight"] = weights[f"{name}.{part}.weight"].detach().float().contiguous()
     (out_dir / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2) + "\n", encoding="utf-8")
     save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
     return [out_dir / CONFIG, out_dir / WEIGHTS]
