@@ -108,18 +108,21 @@ def read_config(adapter_dir: str | Path) -> AdapterConfig:
                          raw.get("task_type"), raw.get("base_model_name_or_path"))
 
 
-def _rename(module: str, rename: dict[str, str] | None) -> str:
-    """Apply a rename map: exact names first, else each `old: new` substring in order."""
+def _rename(module: str, rename: dict[str, str | list[str]] | None) -> str | list[str]:
+    """Apply a rename map: exact names first, else each `old: new` substring in order. An
+    exact name may map to a list of layers: a fused projection (GPT-2's c_attn) whose rows
+    are those layers' outputs in order."""
     if not rename:
         return module
     if module in rename:
         return rename[module]
     for old, new in rename.items():
-        module = module.replace(old, new)
+        if isinstance(new, str):
+            module = module.replace(old, new)
     return module
 
 
-def read_tensors(adapter_dir: str | Path, rename: dict[str, str] | None = None) -> dict[str, tuple[str, torch.Tensor]]:
+def read_tensors(adapter_dir: str | Path, rename: dict[str, str | list[str]] | None = None) -> dict[str, tuple[str, torch.Tensor]]:
     """lbdlc parameter name -> (adapter key, tensor)."""
     from safetensors.torch import load_file
 
@@ -132,7 +135,9 @@ def read_tensors(adapter_dir: str | Path, rename: dict[str, str] | None = None) 
         for part in ("lora_A", "lora_B"):
             for suffix in (f".{part}.weight", f".{part}.default.weight"):  # PEFT in memory names the adapter
                 if name.endswith(suffix):
-                    out[f"{_rename(name[:-len(suffix)], rename)}.{part}.weight"] = (key, t)
+                    target = _rename(name[:-len(suffix)], rename)
+                    for layer, piece in _unfused(key, target, part, t):
+                        out[f"{layer}.{part}.weight"] = (key, piece)
                     break
             else:
                 continue
@@ -142,7 +147,20 @@ def read_tensors(adapter_dir: str | Path, rename: dict[str, str] | None = None) 
     return out
 
 
-def load_adapter(graph: Graph, adapter_dir: str | Path, rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def _unfused(key: str, target: str | list[str], part: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A fused projection's adapter as adapters of its parts: B·A restricted to the rows of
+    part k is B[rows k]·A, so each part gets the same A and its slice of B (exact)."""
+    if isinstance(target, str):
+        return [(target, t)]
+    if part == "lora_A":
+        return [(layer, t) for layer in target]
+    if t.shape[0] % len(target):
+        raise SpecError(f"adapter key '{key}' has {t.shape[0]} output rows, which do not split into {len(target)} equal parts "
+                        f"({', '.join(target)})", hint="map a fused projection only to layers of equal width")
+    return list(zip(target, t.chunk(len(target), dim=0)))
+
+
+def load_adapter(graph: Graph, adapter_dir: str | Path, rename: dict[str, str | list[str]] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under the graph's parameter names, checked against its lora_linear nodes."""
     cfg = read_config(adapter_dir)
     tensors = read_tensors(adapter_dir, rename)
@@ -176,7 +194,7 @@ def load_adapter(graph: Graph, adapter_dir: str | Path, rename: dict[str, str] |
     return out
 
 
-def apply_adapter(graph: Graph, weights: dict, adapter_dir: str | Path, rename: dict[str, str] | None = None):
+def apply_adapter(graph: Graph, weights: dict, adapter_dir: str | Path, rename: dict[str, str | list[str]] | None = None):
     """Wrap a base graph with the adapter's targets, rank and scale, and load its tensors.
     Returns the pass manager's result (graph, weights, log); merge with `lora_merge`."""
     from lbdlc.passes import PassManager
@@ -185,9 +203,13 @@ def apply_adapter(graph: Graph, weights: dict, adapter_dir: str | Path, rename: 
     cfg = read_config(adapter_dir)
     tensors = read_tensors(adapter_dir, rename)
     targets = sorted({name.rsplit(".", 2)[0] for name in tensors})
+    from lbdlc.passes.decompose_attention import PROJECTIONS
+
     layers = {n.name: n for n in graph.nodes}
     for t in targets:
-        if t not in layers:
+        owner, _, proj = t.rpartition(".")
+        inside_attention = proj in PROJECTIONS and getattr(layers.get(owner), "op", None) == "attention"  # the lora pass writes it out
+        if t not in layers and not inside_attention:
             key = tensors[f"{t}.lora_A.weight"][0] if f"{t}.lora_A.weight" in tensors else tensors[f"{t}.lora_B.weight"][0]
             raise SpecError(f"adapter key '{key}' targets '{t}', which is not a layer of this model",
                             hint="pass a rename map from the adapter's module names to the spec's layer names")
@@ -195,3 +217,31 @@ def apply_adapter(graph: Graph, weights: dict, adapter_dir: str | Path, rename: 
     res = PassManager([lora], "training").run(graph, weights)
     res.weights.update(load_adapter(res.graph, adapter_dir, rename))
     return res
+
+
+def merge_adapters(graph: Graph, weights: dict, adapters: list[tuple[str | Path, float]],
+                   rename: dict[str, str] | None = None) -> tuple[dict, list[dict]]:
+    """Several adapters folded into one model: W ← W + Σ_i λ_i · scale_i · B_i A_i for every
+    layer an adapter targets (in float64, rounded once). Each adapter is checked against the
+    graph as `apply_adapter` checks it (targets, rank, shapes; errors name the adapter key).
+    The graph is unchanged (an attention projection's weight keeps its name); returns the new
+    weights and, per adapter, what was merged."""
+    deltas: dict[str, torch.Tensor] = {}
+    report = []
+    for adapter_dir, lam in adapters:
+        res = apply_adapter(graph, weights, adapter_dir, rename)
+        cfg = read_config(adapter_dir)
+        layers = []
+        for n in res.graph.nodes:
+            if n.op != "lora_linear":
+                continue
+            A, B = res.weights[n.params["lora_A.weight"]].double(), res.weights[n.params["lora_B.weight"]].double()
+            name = n.params["weight"]
+            deltas[name] = deltas.get(name, 0) + lam * n.attrs.scale * (B @ A)
+            layers.append(n.name)
+        report.append({"adapter": str(adapter_dir), "weight": lam, "r": cfg.r, "alpha": cfg.lora_alpha,
+                       "rslora": cfg.use_rslora, "layers": layers})
+    out = dict(weights)
+    for name, d in deltas.items():
+        out[name] = (weights[name].double() + d).to(weights[name].dtype)
+    return out, report

@@ -13,7 +13,8 @@ from conftest import SPECS
 from lbdlc.passes import PassManager
 from lbdlc.passes.lora import LoRA, LoRAMerge
 
-from lbdlc.adapters import apply_adapter, save_adapter
+from lbdlc.adapters import apply_adapter, read_tensors, save_adapter
+from lbdlc.errors import SpecError
 from lbdlc.backends.pytorch import generate
 from lbdlc.lower import load, lower
 
@@ -22,8 +23,11 @@ transformers = pytest.importorskip("transformers")
 
 LAYERS, WIDTH, HEADS, VOCAB, CTX = 2, 64, 4, 100, 32
 SMALL = [f"n_layer={LAYERS}", f"d_model={WIDTH}", f"n_head={HEADS}", f"vocab={VOCAB}", f"ctx={CTX}", "dropout=0.0"]
-TARGETS = ["c_fc", "mlp.c_proj"]  # PEFT's suffix patterns: the MLP's two Conv1D layers
-FROM_HF = {"transformer.": ""}  # PEFT's module names -> the spec's layer names
+TARGETS = ["c_attn", "c_proj", "c_fc"]  # PEFT's suffix patterns: every Conv1D layer of GPT-2
+# PEFT's module names -> the spec's layer names: the fused q/k/v projection c_attn becomes
+# the spec's q_proj, k_proj, v_proj (same A, B split by rows), attn.c_proj its out_proj.
+FROM_HF = {f"transformer.h.{i}.attn.c_attn": [f"h.{i}.attn.{p}_proj" for p in "qkv"] for i in range(LAYERS)} \
+    | {f"transformer.h.{i}.attn.c_proj": f"h.{i}.attn.out_proj" for i in range(LAYERS)} | {"transformer.": ""}
 
 
 def hf_gpt2():
@@ -93,11 +97,13 @@ def test_peft_trained_adapter_merges_like_merge_and_unload(base, tmp_path):
         expected = model.merge_and_unload()(tokens).logits
 
     res = apply_adapter(graph, weights, tmp_path / "peft", rename=FROM_HF)
-    assert sorted({n.name for n in res.graph.nodes if n.op == "lora_linear"}) == [
-        f"h.{i}.mlp.{fc}" for i in range(LAYERS) for fc in ("c_fc", "c_proj")]
+    assert sorted({n.name for n in res.graph.nodes if n.op == "lora_linear"}) == sorted(
+        [f"h.{i}.mlp.{fc}" for i in range(LAYERS) for fc in ("c_fc", "c_proj")]
+        + [f"h.{i}.attn.{p}_proj" for i in range(LAYERS) for p in ("q", "k", "v", "out")])
     unmerged = run_lbdlc(res.graph, res.weights, tokens)
     merged = PassManager([LoRAMerge()], "inference").run(res.graph, res.weights)
     assert not any(n.op == "lora_linear" for n in merged.graph.nodes)
+    assert sum(n.op == "attention" for n in merged.graph.nodes) == LAYERS  # written out for LoRA, one op again
     got = run_lbdlc(merged.graph, merged.weights, tokens)
     print(f"PEFT merge_and_unload vs lbdlc lora_merge: max diff {(got - expected).abs().max():.2e}")
     assert (got - expected).abs().max() < 1e-4
@@ -120,3 +126,12 @@ def test_lbdlc_adapter_loads_in_peft(base, tmp_path):
         merged = loaded.merge_and_unload()(tokens).logits
     print(f"lbdlc adapter in PEFT: max diff {(got - expected).abs().max():.2e}")
     assert (got - expected).abs().max() < 1e-4 and (merged - expected).abs().max() < 1e-4
+
+
+def test_a_fused_projection_must_split_evenly(tmp_path):
+    model = peft.get_peft_model(hf_gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0))
+    model.save_pretrained(str(tmp_path / "peft"))
+    bad = {"transformer.h.0.attn.c_attn": [f"h.0.part{k}" for k in range(5)], "transformer.": ""}
+    with pytest.raises(SpecError, match=r"has 192 output rows, which do not split into 5 equal parts") as exc:
+        read_tensors(tmp_path / "peft", bad)
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight" in str(exc.value)
