@@ -646,7 +646,69 @@ def _lora_linear(e, n, x, out):
     e.add("Add", [base, d], out, s)
 
 
+def _embedding_q(e, n, x, out):
+    """embedding_q: the ids' rows of the packed codes, scales (and minimums) gathered, then
+    dequantized with float arithmetic as linear_q's Q4_1 path does: W̄ = d·(q − z) + m."""
+    a, s = n.attrs, n.name
+    from lbdlc.ops.quant import ZERO_POINT
+    f32 = lambda v: e.const(s, "c", np.array(v, dtype=np.float32))  # noqa: E731
+    axes = e.const(s, "axes", np.array([-1], dtype=np.int64))
+    gather = lambda p: e.add("Gather", [n.params[p], x[0]], e.temp(s, p), s, axis=0)  # noqa: E731
+    lead = e.add("Shape", [x[0]], e.temp(s, "lead"), s)
+    q = e.add("Cast", [gather("qweight")], e.temp(s, "codes"), s, to=TensorProto.FLOAT)
+    if a.format != "q8_0":
+        hi = e.add("Floor", [e.add("Div", [q, f32(16.0)], e.temp(s, "div"), s)], e.temp(s, "hi"), s)
+        lo = e.add("Sub", [q, e.add("Mul", [hi, f32(16.0)], e.temp(s, "mul"), s)], e.temp(s, "lo"), s)
+        pairs = e.add("Concat", [e.add("Unsqueeze", [lo, axes], e.temp(s, "lo1"), s), e.add("Unsqueeze", [hi, axes], e.temp(s, "hi1"), s)],
+                      e.temp(s, "pairs"), s, axis=-1)
+        blocks = e.const(s, "blocks", np.array([a.embedding_dim // 32, 32], np.int64))
+        q = e.add("Reshape", [pairs, e.add("Concat", [lead, blocks], e.temp(s, "block_shape"), s, axis=0)], e.temp(s, "q"), s)
+    w = e.add("Sub", [q, f32(ZERO_POINT[a.format])], e.temp(s, "centered"), s)
+    d = e.add("Cast", [gather("scale")], e.temp(s, "scale_f"), s, to=TensorProto.FLOAT)
+    w = e.add("Mul", [w, e.add("Unsqueeze", [d, axes], e.temp(s, "scale1"), s)], e.temp(s, "scaled"), s)
+    if "min" in n.params:
+        m = e.add("Cast", [gather("min")], e.temp(s, "min_f"), s, to=TensorProto.FLOAT)
+        w = e.add("Add", [w, e.add("Unsqueeze", [m, axes], e.temp(s, "min1"), s)], e.temp(s, "shifted"), s)
+    dim = e.const(s, "dim", np.array([a.embedding_dim], np.int64))
+    e.add("Reshape", [w, e.add("Concat", [lead, dim], e.temp(s, "out_shape"), s, axis=0)], out, s)
+
+
+def _lora_linear_q(e, n, x, out):
+    """lora_linear_q (QLoRA): linear_q's emission for the frozen quantized base, plus scale·(x Aᵀ) Bᵀ."""
+    s = n.name
+    base = e.temp(s, "base")
+    _linear_q(e, n, x, base)
+    at = e.add("Transpose", [n.params["lora_A.weight"]], e.temp(s, "lora_A_t"), s, perm=[1, 0])
+    bt = e.add("Transpose", [n.params["lora_B.weight"]], e.temp(s, "lora_B_t"), s, perm=[1, 0])
+    h = e.add("MatMul", [x[0], at], e.temp(s, "lora_down"), s)
+    d = e.add("MatMul", [h, bt], e.temp(s, "lora_up"), s)
+    d = e.add("Mul", [d, e.const(s, "lora_scale", np.array(n.attrs.scale, np.float32))], e.temp(s, "lora_scaled"), s)
+    e.add("Add", [base, d], out, s)
+
+
+def _affine(e, n, x, out):
+    """x * scale + shift as Mul and Add of scalar constants (an Identity when both are trivial)."""
+    a, s, y = n.attrs, n.name, x[0]
+    if a.scale == 1.0 and a.shift == 0.0:
+        e.add("Identity", [y], out, s)
+        return
+    if a.scale != 1.0:
+        y = e.add("Mul", [y, e.const(s, "scale", np.array(a.scale, np.float32))], out if a.shift == 0.0 else e.temp(s, "scaled"), s)
+    if a.shift != 0.0:
+        e.add("Add", [y, e.const(s, "shift", np.array(a.shift, np.float32))], out, s)
+
+
+
 EMITTERS: dict[str, Emitter] = {
+    "sub": lambda e, n, x, out: e.add("Sub", x[:2], out, n.name),
+    "div": lambda e, n, x, out: e.add("Div", x[:2], out, n.name),
+    "sqrt": _unary("Sqrt"),
+    "rsqrt": lambda e, n, x, out: e.add("Reciprocal", [e.add("Sqrt", x[:1], e.temp(n.name, "sqrt"), n.name)], out, n.name),
+    "erf": _unary("Erf"),
+    "pow": lambda e, n, x, out: e.add("Pow", [x[0], e.const(n.name, "exponent", np.array(n.attrs.exponent, np.float32))], out, n.name),
+    "affine": _affine,
+    "lora_linear_q": _lora_linear_q,
+    "embedding_q": _embedding_q,
     "lora_linear": _lora_linear,
     "linear_q": _linear_q,
     "fused_linear": _fused(_linear),

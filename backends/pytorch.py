@@ -252,7 +252,42 @@ def _lora_linear(n, x):
     return f"LoRALinear({a.in_features}, {a.out_features}, r={a.r}, scale={a.scale!r}{extra})", f"{{self}}({x[0]})"
 
 
+def _embedding_q(n, x):
+    a = n.attrs
+    return f"EmbeddingQ({a.num_embeddings}, {a.embedding_dim}, {a.format!r})", f"{{self}}({x[0]})"
+
+
+def _lora_linear_q(n, x):
+    a = n.attrs
+    extra = ("" if a.bias else ", bias=False") + (f", dropout={a.dropout!r}" if a.dropout else "")
+    return f"LoRALinearQ({a.in_features}, {a.out_features}, r={a.r}, lora_scale={a.scale!r}, format={a.format!r}{extra})", f"{{self}}({x[0]})"
+
+
+def _number(v: float) -> str:
+    return repr(int(v)) if float(v).is_integer() else repr(v)
+
+
+def _affine(n, x):
+    """x * scale + shift, leaving out what is the identity."""
+    a, expr = n.attrs, x[0]
+    if a.scale != 1.0:
+        expr = f"{expr} * {_number(a.scale)}"
+    if a.shift != 0.0:
+        expr = f"{expr} {'-' if a.shift < 0 else '+'} {_number(abs(a.shift))}"
+    return None, expr
+
+
+
 EMITTERS: dict[str, Emitter] = {
+    "sub": lambda n, x: (None, f"{x[0]} - {x[1]}"),
+    "div": lambda n, x: (None, f"{x[0]} / {x[1]}"),
+    "sqrt": lambda n, x: (None, f"torch.sqrt({x[0]})"),
+    "rsqrt": lambda n, x: (None, f"torch.rsqrt({x[0]})"),
+    "erf": lambda n, x: (None, f"torch.erf({x[0]})"),
+    "pow": lambda n, x: (None, f"{x[0]} ** {_number(n.attrs.exponent)}"),
+    "affine": _affine,
+    "lora_linear_q": _lora_linear_q,
+    "embedding_q": _embedding_q,
     "lora_linear": _lora_linear,
     "linear_q": _linear_q,
     "fused_linear": _fused(_linear),
@@ -335,36 +370,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
-''',
-    "linear_q": '''
-class LinearQ(nn.Module):
-    """A linear layer whose weight is stored block-quantized (blocks of 32 along each row) and
-    dequantized on the fly: W = d * (q - z) + m. Formats: q8_0 (uint8 code + 128, z = 128),
-    q4_0 (two 4-bit codes a byte, low nibble first, z = 8), q4_1 (z = 0, fp16 minimum m)."""
-
-    ZERO_POINT = {"q8_0": 128, "q4_0": 8, "q4_1": 0}
-
-    def __init__(self, in_features: int, out_features: int, format: str = "q4_1", bias: bool = True) -> None:
-        super().__init__()
-        self.format = format
-        blocks, code_bytes = in_features // 32, 32 if format == "q8_0" else 16
-        self.register_buffer("qweight", torch.zeros(out_features, blocks, code_bytes, dtype=torch.uint8))
-        self.register_buffer("scale", torch.zeros(out_features, blocks, dtype=torch.float16))
-        if format == "q4_1":
-            self.register_buffer("min", torch.zeros(out_features, blocks, dtype=torch.float16))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    def dequantize(self) -> torch.Tensor:
-        q = self.qweight
-        if self.format != "q8_0":
-            q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)
-        w = (q.float() - self.ZERO_POINT[self.format]) * self.scale.float().unsqueeze(-1)
-        if self.format == "q4_1":
-            w = w + self.min.float().unsqueeze(-1)
-        return w.flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(), self.bias)
 ''',
     "learned_scale": '''
 class LearnedScale(nn.Module):
@@ -518,6 +523,90 @@ class SinusoidalPosition(nn.Module):
 ''',
 }
 
+# Block-quantized weights (lbdlc/quant_formats.py): a base class the three ops' classes share,
+# written first; SUPPORT_NEEDS says which classes a class needs.
+SUPPORT["block_quantized"] = '''
+class BlockQuantized(nn.Module):
+    """Rows stored block-quantized (blocks of 32 along each row) and dequantized on the fly:
+    W = d * (q - z) + m. Formats: q8_0 (uint8 code + 128, z = 128), q4_0 (two 4-bit codes a
+    byte, low nibble first, z = 8), q4_1 (z = 0, fp16 minimum m)."""
+
+    ZERO_POINT = {"q8_0": 128, "q4_0": 8, "q4_1": 0}
+
+    def __init__(self, rows: int, row_length: int, format: str = "q4_1") -> None:
+        super().__init__()
+        self.format = format
+        blocks, code_bytes = row_length // 32, 32 if format == "q8_0" else 16
+        self.register_buffer("qweight", torch.zeros(rows, blocks, code_bytes, dtype=torch.uint8))
+        self.register_buffer("scale", torch.zeros(rows, blocks, dtype=torch.float16))
+        if format == "q4_1":
+            self.register_buffer("min", torch.zeros(rows, blocks, dtype=torch.float16))
+
+    def dequantize_rows(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+        if self.format != "q8_0":
+            q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)
+        w = (q.float() - self.ZERO_POINT[self.format]) * scale.float().unsqueeze(-1)
+        if minimum is not None:
+            w = w + minimum.float().unsqueeze(-1)
+        return w.flatten(-2)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole matrix, [rows, row_length]."""
+        return self.dequantize_rows(self.qweight, self.scale, self.min if self.format == "q4_1" else None)
+'''
+SUPPORT["linear_q"] = '''
+class LinearQ(BlockQuantized):
+    """A linear layer whose weight is stored block-quantized (BlockQuantized)."""
+
+    def __init__(self, in_features: int, out_features: int, format: str = "q4_1", bias: bool = True) -> None:
+        super().__init__(out_features, in_features, format)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(), self.bias)
+'''
+SUPPORT["lora_linear_q"] = '''
+class LoRALinearQ(LinearQ):
+    """QLoRA: a frozen block-quantized linear layer plus a trainable full-precision low-rank
+    correction: y = x W^T + b + lora_scale * B(A(dropout(x))), parameters named as PEFT names them."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, lora_scale: float, format: str = "q4_1",
+                 bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__(in_features, out_features, format, bias)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.lora_scale = lora_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scale
+'''
+SUPPORT["embedding_q"] = '''
+class EmbeddingQ(BlockQuantized):
+    """A token table stored block-quantized (BlockQuantized): the ids' rows are gathered packed
+    and dequantized. A linear layer tied to the table (an LM head) multiplies by
+    `dequantize()`, the whole table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, format: str = "q4_1") -> None:
+        super().__init__(num_embeddings, embedding_dim, format)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dequantize_rows(self.qweight[ids], self.scale[ids], self.min[ids] if self.format == "q4_1" else None)
+'''
+SUPPORT_NEEDS = {"linear_q": ("block_quantized",), "embedding_q": ("block_quantized",),
+                 "lora_linear_q": ("block_quantized", "linear_q")}
+SUPPORT_FIRST = ("block_quantized", "linear_q")  # base classes, before the classes built on them
+
+
+def _support_source(ops: set[str]) -> str:
+    """The helper classes model.py needs for these ops (and the classes those build on)."""
+    needed = {k for op in ops if op in SUPPORT for k in (op, *SUPPORT_NEEDS.get(op, ()))}
+    order = [k for k in SUPPORT_FIRST if k in needed] + sorted(needed - set(SUPPORT_FIRST))
+    return "".join(SUPPORT[k].strip() + "\n\n\n" for k in order)
+
 _RESERVED = {"self", "torch", "nn", "F"}
 
 
@@ -588,6 +677,9 @@ def _container(tree: dict, indent: str) -> str:
 def _tied_call(node: Node, x: list[str]) -> str:
     """A layer that shares another layer's weight calls it functionally, so the shared
     tensor appears once in state_dict (as the IR names it)."""
+    if node.op == "linear_q" and not node.attrs.bias:  # an LM head tied to a quantized token table (EmbeddingQ)
+        owner = node.params["qweight"].rsplit(".", 1)[0]
+        return f"F.linear({x[0]}, {{self:{owner}}}.dequantize())  # weight tied to {owner}'s quantized table"
     if node.op != "linear" or node.attrs.bias:
         raise SpecError("the PyTorch backend ties weights of bias-free linear layers only", node.origin,
                         hint="set `bias: false` on the tied layer")
@@ -869,8 +961,7 @@ def generate(graph: Graph, spec_file: str, description: str | None, lbdlc_versio
     body_init = "\n".join("        " + line for line in init_lines) or "        pass"
     body_forward = "\n".join("        " + line for line in forward_lines)
     title = f"{cls}: {description}" if description else cls
-    used = sorted({n.op for n in graph.nodes if n.op in SUPPORT})
-    support = "".join(SUPPORT[op].strip() + "\n\n\n" for op in used)
+    support = _support_source({n.op for n in graph.nodes})
     block_classes = "".join(_class_source(c, spec_file, module_attrs) for c in plan.classes)
     return f'''"""{title}
 

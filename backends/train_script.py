@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from string import Template
 
+from . import train_losses
 from lbdlc.training.check import Plan
 from lbdlc.training.schema import CLASS_LOSSES
 
@@ -89,9 +90,18 @@ def generate(plan: Plan, model_name: str, lbdlc_version: str) -> str:
     ]
     if _augments(t):
         sections.append(_augment(w))
-    sections += [_forward_and_loss(w), _optimizer(w), _schedule(w), _train_step(w), _evaluate(w),
+    special = train_losses  # gan, td, masked_lm, triplet, contrastive: their code and hooks
+    sections += [special.support(w), special.forward_and_loss(w) or _forward_and_loss(w), _optimizer(w), _schedule(w),
+                 special.train_step(w) or _train_step(w), special.evaluate(w) or _evaluate(w),
                  _distributed(w), _checkpoints(w), _logging(w), _train_loop(w), _main(w)]
-    return "\n\n".join(s.strip("\n") + "\n" for s in sections if s.strip()).replace("\n\n\n\n", "\n\n\n")
+    text = "\n\n".join(s.strip("\n") + "\n" for s in sections if s.strip()).replace("\n\n\n\n", "\n\n\n")
+    from . import train_lora  # `finetune:`: freeze all but the trainable parameters, save the LoRA adapters
+
+    from . import train_qat  # `quantize: {qat: true}`: train with the weights the build will quantize
+
+    from . import train_fsdp  # `distributed: {strategy: fsdp}`: sharded parameters, gathered files
+
+    return train_fsdp.patch(train_qat.patch(train_lora.patch(text, plan), plan), plan)
 
 
 def _augments(t) -> bool:
@@ -125,7 +135,7 @@ def _imports(w: _Writer) -> str:
     lines = ["import argparse", "import csv"]
     if t.grad_accumulation > 1:
         lines.append("import contextlib")
-    if t.optimizer.no_decay or t.optimizer.groups:
+    if t.optimizer.no_decay or t.optimizer.groups or train_losses.needs_fnmatch(w):
         lines.append("import fnmatch")
     lines += ["import json", "import math", "import os", "import random", "import sys", "import time",
               "from pathlib import Path", "", "import numpy as np", "import torch", "import torch.distributed as dist",
@@ -231,7 +241,8 @@ def _data(w: _Writer) -> str:
     where = w.at("data")
     head = f"SPLIT_SEED = {split_seed}  # train/validation/test split, {w.at('data', 'split') if w.p.line('data', 'split') else where}\n"
     check = _shape_check(w) if d.kind in ("npz", "npy", "csv") else ""
-    body = {"digits": _digits, "synthetic": _synthetic, "npz": _npz, "npy": _npy, "csv": _csv, "text": _text}[d.kind](w, split_call)
+    body = {"digits": _digits, "synthetic": _synthetic, "npz": _npz, "npy": _npy, "csv": _csv, "text": _text,
+            "image_folder": train_losses.image_folder}[d.kind](w, split_call)
     parts = [head, split_fn if d.kind != "text" else "", check, body]
     return "\n\n\n".join(x.strip("\n") for x in parts if x.strip())
 
@@ -243,11 +254,17 @@ def _digits(w: _Writer, split_call: str) -> str:
     lines = ["    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download", "",
              "    digits = load_digits()",
              "    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [1797, 1, 8, 8], in [0, 1]"]
+    if getattr(d, "classes", None):  # `classes:` only these digits (their labels unchanged)
+        lines[3:3] = [f"    keep = np.isin(digits.target, {sorted(d.classes)})  # classes, {w.at('data', 'classes')}",
+                      "    digits.images, digits.target = digits.images[keep], digits.target[keep]"]
     if d.resize:
         h, wd = d.resize
         lines.append(f"    images = F.interpolate(images, size=({h}, {wd}), mode=\"bilinear\", align_corners=False)  # resize, {w.at('data', 'resize')}")
     if d.flatten:
         lines.append(f"    images = images.flatten(1)  # flatten, {w.at('data', 'flatten')}")
+    if tuple(d.range) != (0.0, 1.0):
+        lo, hi = d.range
+        lines.append(f"    images = {_num(lo)} + {_num(hi - lo)} * images  # values in [{_num(lo)}, {_num(hi)}], {w.at('data', 'range')}")
     if target is not None:
         lines += ["    labels = torch.tensor(digits.target, dtype=torch.int64)", f'    arrays = {{"{image}": images, "{target}": labels}}']
     else:
@@ -285,6 +302,11 @@ def _synthetic(w: _Writer, split_call: str) -> str:
         lines.append("    # Targets from a fixed random linear teacher, so that there is something to learn.")
         kinds = {lp.output: lp.spec.kind for lp in w.p.losses if lp.target}
         for name, tgt in w.p.targets.items():
+            if kinds[name] == "contrastive":  # one 0/1 similarity per pair (train_losses.py)
+                lines.append("    teacher = torch.randn(features.shape[1], generator=g) / math.sqrt(features.shape[1])")
+                lines.append(f"    {_var(name)} = (features @ teacher > 0).float()  # 1: a similar pair")
+                arrays.append(f'"{name}": {_var(name)}')
+                continue
             out = next(o for o in w.p.outputs if o.name == name)
             dims = [_resolve_dim(x, d.sizes, "n") for x in out.shape[1:]]
             if any(x is None for x in dims):
@@ -326,6 +348,7 @@ def _convert(name: str, w: _Writer) -> str:
 def _shape_check(w: _Writer) -> str:
     sig = {i.name: [x if isinstance(x, int) else None for x in i.shape[1:]] for i in w.p.inputs}
     sig.update({n: [x if isinstance(x, int) else None for x in t.shape[1:]] for n, t in w.p.targets.items()})
+    sig.update(train_losses.sample_shapes(w))
     return f'''\
 # Sample shapes the model needs (None: any size), after the batch dimension.
 SAMPLE_SHAPES = {_py(sig)}
@@ -346,7 +369,8 @@ def _npz(w: _Writer, split_call: str) -> str:
     inputs = d.inputs or {i.name: i.name for i in w.p.inputs}
     targets = d.targets or {n: n for n in w.p.targets}
     arrays = [f'"{k}": torch.from_numpy(files["{v}"]){_convert(k, w)}' for k, v in list(inputs.items()) + list(targets.items())]
-    joined = ",\n        ".join(arrays)
+    arrays += train_losses.npz_arrays(w)
+    joined = ",\n            ".join(arrays)
     return f'''\
 DATA = "{w.p.data_paths[0]}"  # {w.at("data", "path")} (--data overrides)
 
@@ -461,7 +485,7 @@ def make_data(path: str = DATA):
     splits = {{
         name: {{"{tok}": windows(part, {stride} if name == "train" else SEQ_LEN)}}  # training windows overlap
         for name, part in parts.items()
-    }}
+    }}{train_losses.text_masks(w)}
 {ret}'''
 
 
@@ -516,6 +540,8 @@ def augment(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _loss_expr(w: _Writer, lp) -> tuple[str, str]:
     s = lp.spec
+    if s.kind in train_losses.KINDS:
+        return train_losses.loss_expr(w, lp)
     o = f"outputs[{lp.index}]"
     out = next(x for x in w.p.outputs if x.name == lp.output)
     t = f'batch["{lp.target}"]' if lp.target else None
@@ -966,7 +992,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, schedule{", scaler" 
         return
     tmp, final = out / "checkpoint.tmp", out / "checkpoint"
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(weights_of(model), str(tmp / "weights.safetensors"), metadata={{"step": str(progress["step"])}})
+    save_file(weights_of(model), str(tmp / "weights.safetensors"), metadata={{"step": str(progress["step"])}}){train_losses.checkpoint_save(w)}
     state = {{
         "progress": progress,
         "optimizer": optimizer.state_dict(),
@@ -1003,6 +1029,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, schedule{", scaler"
 def _logging(w: _Writer) -> str:
     metrics = list(w.t.eval.metrics) if w.t.eval else []
     cols = ["step", "epoch", "lr", "train_loss", "samples_per_s", "val_loss"] + [f"val_{m}" for m in metrics]
+    cols += train_losses.log_columns(w)
     tb = ""
     if w.t.log.tensorboard:
         tb = '''
@@ -1061,7 +1088,7 @@ def _train_loop(w: _Writer) -> str:
     else:
         total = "args.steps or (args.epochs * steps_per_epoch if args.epochs else STEPS)"
     data_load = ("splits, vocabulary = make_data(args.data)" if text else
-                 "splits = make_data(args.data)" if t.data.kind in ("npz", "csv") else "splits = make_data()")
+                 "splits = make_data(args.data)" if t.data.kind in ("npz", "csv", "image_folder") else "splits = make_data()")
     vocab_save = '''
     if rank == 0 and vocabulary is not None:
         (out / "vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False))''' if text else ""
@@ -1154,8 +1181,8 @@ def train(args: argparse.Namespace) -> dict:
         if rank == 0:
             print(f"resumed from {{resume}} at step {{progress['step']}}")
     else:
-        torch.manual_seed(args.seed + rank)  # dropout and augmentation differ between processes
-    model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw_model{compile_line}
+        torch.manual_seed(args.seed + rank)  # dropout and augmentation differ between processes{train_losses.after_setup(w)}{train_losses.ddp_comment(w)}
+    model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None{train_losses.ddp_options(w)}) if world > 1 else raw_model{compile_line}
     model.train()
 
     # Each epoch is one permutation of the training split (seeded by SEED and the epoch);
@@ -1172,12 +1199,12 @@ def train(args: argparse.Namespace) -> dict:
         order = torch.tensor(list(sampler), device=device)
         for k in range(step % steps_per_epoch, steps_per_epoch):
             index = order[k * per_process:(k + 1) * per_process]
-            batch = {{name: v[index] for name, v in splits["train"].items()}}{augment_line}
+            batch = {{name: v[index] for name, v in splits["train"].items()}}{augment_line}{train_losses.batch_hook(w)}
             lr = optimizer.param_groups[-1]["lr"]  # the base lr (groups of their own come first)
             loss = train_step(model, optimizer{scaler_arg}, {micro})
             schedule.step()
             step += 1
-            progress["step"] = step
+            progress["step"] = step{train_losses.after_step(w)}
             window_loss += loss.detach().cpu()
             window_steps += 1
             row = {{}}
@@ -1219,7 +1246,7 @@ def train(args: argparse.Namespace) -> dict:
 def _main(w: _Writer) -> str:
     t = w.t
     data_flag = ""
-    if t.data.kind in ("npz", "csv", "text"):
+    if t.data.kind in ("npz", "csv", "text", "image_folder"):
         data_flag = '\n    parser.add_argument("--data", default=DATA, help="the data file (default: the one the spec names)")'
     return f'''\
 def main(argv: list[str] | None = None) -> dict:

@@ -525,7 +525,58 @@ def _lora_linear(L, n, x, p):
     return L.emit(R.add(base, R.multiply(up, relax.const(np.float32(n.attrs.scale), "float32"))))
 
 
+def _embedding_q(L, n, x, p):
+    """embedding_q: take the ids' rows of the packed codes, scales (and minimums), then the
+    dequantize of linear_q on those rows: W̄ = d·(q − z) + m."""
+    R, a = _R(), n.attrs
+    from lbdlc.ops.quant import ZERO_POINT
+    from tvm import relax
+
+    f32 = lambda v: relax.const(np.float32(v), "float32")  # noqa: E731
+    take = lambda t: L.emit(R.take(t, x[0], axis=0, mode="clip"))  # noqa: E731
+    lead = [L.prim(d) for d in n.inputs[0].type.shape]
+    q = L.emit(R.astype(take(p["qweight"]), "float32"))
+    if a.format != "q8_0":
+        hi = L.emit(R.floor(R.divide(q, f32(16.0))))
+        lo = L.emit(R.subtract(q, R.multiply(hi, f32(16.0))))
+        q = L.emit(R.reshape(R.concat([R.expand_dims(lo, -1), R.expand_dims(hi, -1)], axis=-1), lead + [a.embedding_dim // 32, 32]))
+    w = L.emit(R.multiply(R.subtract(q, f32(float(ZERO_POINT[a.format]))), R.expand_dims(R.astype(take(p["scale"]), "float32"), -1)))
+    if "min" in p:
+        w = L.emit(R.add(w, R.expand_dims(R.astype(take(p["min"]), "float32"), -1)))
+    return L.emit(R.reshape(w, [L.prim(d) for d in n.outputs[0].type.shape]))
+
+
+def _lora_linear_q(L, n, x, p):
+    """lora_linear_q (QLoRA): linear_q's dequantize + R.linear for the frozen base, plus scale·(x Aᵀ) Bᵀ."""
+    from tvm import relax
+
+    R = _R()
+    base = _linear_q(L, n, x, p)
+    up = L.emit(R.linear(L.emit(R.linear(x[0], p["lora_A.weight"])), p["lora_B.weight"]))
+    return L.emit(R.add(base, R.multiply(up, relax.const(np.float32(n.attrs.scale), "float32"))))
+
+
+def _affine(L, n, x, p):
+    """x * scale + shift with scalar constants (the identity parts left out)."""
+    R, a, y = _R(), n.attrs, x[0]
+    if a.scale != 1.0:
+        y = L.emit(R.multiply(y, _f32(a.scale)))
+    if a.shift != 0.0:
+        y = L.emit(R.add(y, _f32(a.shift)))
+    return y
+
+
+
 EMITTERS: dict[str, Emitter] = {
+    "sub": lambda L, n, x, p: L.emit(_R().subtract(x[0], x[1])),
+    "div": lambda L, n, x, p: L.emit(_R().divide(x[0], x[1])),
+    "sqrt": lambda L, n, x, p: L.emit(_R().sqrt(x[0])),
+    "rsqrt": lambda L, n, x, p: L.emit(_R().rsqrt(x[0])),
+    "erf": lambda L, n, x, p: L.emit(_R().erf(x[0])),
+    "pow": lambda L, n, x, p: L.emit(_R().power(x[0], _f32(n.attrs.exponent))),
+    "affine": _affine,
+    "lora_linear_q": _lora_linear_q,
+    "embedding_q": _embedding_q,
     "lora_linear": _lora_linear,
     "linear_q": _linear_q,
     "fused_linear": _fused(_linear),
@@ -683,10 +734,18 @@ def canonical_shape_funcs(mod, _ctx=None):
     return mod
 
 
-def compile_library(graph: Graph, target="llvm"):
-    """Relax -> "zero" pipeline (legalize, fuse) -> build pipeline made reproducible -> executable."""
+def compile_library(graph: Graph, target="llvm", schedule: bool = True):
+    """Relax -> "zero" pipeline (legalize, fuse) -> lbdlc's default CPU schedules
+    (backends/tvm_schedule.py; `schedule=False` keeps TVM's naive loops) -> build pipeline
+    made reproducible -> executable."""
     tvm, relax, _ = _tvm()
-    mod = relax.get_pipeline("zero")(to_relax(graph))
+    mod = to_relax(graph)
+    if schedule and tvm.target.Target(target).kind.name == "llvm":
+        from .tvm_schedule import cpu_legalize, schedule_cpu
+
+        mod = schedule_cpu(relax.get_pipeline("zero")(cpu_legalize(mod)), target)
+    else:
+        mod = relax.get_pipeline("zero")(mod)
     reproducible = tvm.transform.module_pass(canonical_shape_funcs, opt_level=0, name="CanonicalShapeFuncs")
     build_pipeline = tvm.transform.Sequential([relax.get_pipeline("default_build"), reproducible])
     return tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=build_pipeline)

@@ -10,7 +10,13 @@ one spec and one set of weights:
 - lbdlc -O0 ONNX: `lbdlc build -O0` (the spec op for op) in ONNX Runtime;
 - lbdlc -O2 ONNX: `lbdlc build -O2` (batch norms folded, linear/conv + bias + residual +
   activation fused, dropout removed) in ONNX Runtime;
-- lbdlc TVM: the -O2 build's TVM library (untuned: TVM 0.27 schedules nothing for CPUs).
+- lbdlc TVM: the -O2 build's TVM library, untuned, with lbdlc's default CPU schedules
+  (backends/tvm_schedule.py: packed, register-tiled, vectorized and parallel matmul and
+  conv2d kernels; TVM 0.27 itself schedules nothing for CPUs);
+- lbdlc TVM host: the same, compiled for this machine's CPU (`--target cpu`: LLVM's host CPU
+  name, so AVX2 and FMA here) instead of the default library's generic x86-64;
+- lbdlc TVM naive (`--naive-tvm`): the same graph with TVM's naive loops, as before those
+  schedules (slow: minutes per model at full size).
 
 Every latency is a median over repetitions; the variants take turns (round robin, the order
 rotating), and each timed run directly follows an untimed run of the same variant. The script also prints each
@@ -21,6 +27,7 @@ FLOPs / latency / matmul rate. Outputs of every variant are checked against eage
     python benchmarks/inference.py                         # all models, 10 repetitions
     python benchmarks/inference.py --models gpt2 --reps 5 --no-tvm
     python benchmarks/inference.py --write-readme          # also replace the section in benchmarks/README.md
+    python benchmarks/inference.py --models mlp lenet resnet50_64 gpt2_256 --naive-tvm   # small sizes, naive TVM too
 """
 from __future__ import annotations
 
@@ -46,8 +53,16 @@ MODELS = {
     "resnet50": {"spec": "specs/resnet50.yaml", "sizes": {"batch": 1}, "what": "224×224 image"},
     "gpt2": {"spec": "specs/gpt2.yaml", "sizes": {"batch": 1, "seq": 128}, "what": "128 tokens"},
     "vit_b16": {"spec": "specs/vit_b16.yaml", "sizes": {"batch": 1}, "what": "224×224 image"},
+    # smaller sizes, for quick comparisons (not in the default run)
+    "mlp": {"spec": "specs/mlp.yaml", "sizes": {"batch": 1}, "what": "50 features", "small": True},
+    "lenet": {"spec": "specs/lenet.yaml", "sizes": {"batch": 1}, "what": "28×28 image", "small": True},
+    "resnet50_64": {"spec": "specs/resnet50.yaml", "sizes": {"batch": 1}, "what": "64×64 image, 10 classes", "small": True,
+                    "overrides": ["inputs.image.shape=[batch, 3, 64, 64]", "classes=10"]},
+    "gpt2_256": {"spec": "specs/gpt2.yaml", "sizes": {"batch": 1, "seq": 128}, "what": "2 layers of width 256, 128 tokens", "small": True,
+                 "overrides": ["n_layer=2", "d_model=256", "n_head=4", "vocab=2000"]},
 }
-VARIANTS = ["PyTorch eager", "torch.onnx.export + ORT", "lbdlc -O0 ONNX", "lbdlc -O2 ONNX", "lbdlc TVM"]
+DEFAULT_MODELS = [m for m, cfg in MODELS.items() if not cfg.get("small")]
+VARIANTS = ["PyTorch eager", "torch.onnx.export + ORT", "lbdlc -O0 ONNX", "lbdlc -O2 ONNX", "lbdlc TVM", "lbdlc TVM host", "lbdlc TVM naive"]
 BASELINE = "torch.onnx.export + ORT"
 MARK_BEGIN, MARK_END = "<!-- inference.py: begin -->", "<!-- inference.py: end -->"
 
@@ -138,7 +153,8 @@ def export_torch(model: torch.nn.Module, inputs: dict[str, np.ndarray], graph, p
         return "static shapes"
 
 
-def run_tvm_factory(out_dir: Path, inputs: dict[str, np.ndarray]):
+def run_tvm_factory(out_dir: Path, inputs: dict[str, np.ndarray], executable=None):
+    """The build's TVM library (or `executable`, compiled here for the same parameter order)."""
     import json
 
     import tvm
@@ -146,9 +162,9 @@ def run_tvm_factory(out_dir: Path, inputs: dict[str, np.ndarray]):
     from tvm import relax
 
     model = json.loads((out_dir / "manifest.json").read_text())["model"]
-    weights = load_file(str(out_dir / model["inference_weights"]))
+    weights = load_file(str(out_dir / model.get("inference_weights", "weights.safetensors")))
     device = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out_dir / "model.tvm.so")), device)
+    vm = relax.VirtualMachine(executable or tvm.runtime.load_module(str(out_dir / "model.tvm.so")), device)
     args = [tvm.runtime.tensor(v, device) for v in inputs.values()] + [tvm.runtime.tensor(weights[n], device) for n in model["parameter_order"]]
     fn = vm["main"]
 
@@ -159,21 +175,21 @@ def run_tvm_factory(out_dir: Path, inputs: dict[str, np.ndarray]):
     return run
 
 
-def bench_model(name: str, reps: int, tvm_reps: int, work: Path, use_tvm: bool) -> dict:
+def bench_model(name: str, reps: int, tvm_reps: int, work: Path, use_tvm: bool, naive_tvm: bool = False) -> dict:
     from lbdlc.lower import load, lower
 
     cfg = MODELS[name]
-    spec, sizes = ROOT / cfg["spec"], cfg["sizes"]
-    graph = lower(load(spec))
+    spec, sizes, overrides = ROOT / cfg["spec"], cfg["sizes"], tuple(cfg.get("overrides", ()))
+    graph = lower(load(spec, list(overrides)))
     inputs = inputs_for(graph, sizes)
     row = {"model": name, "what": cfg["what"], "flops": flops(graph, sizes), "ms": {}, "diff": {}, "notes": []}
 
     start = time.perf_counter()
-    o0 = build(spec, work / f"{name}_o0", BuildOptions(level=0, backends=("pytorch", "onnx"))).out_dir
+    o0 = build(spec, work / f"{name}_o0", BuildOptions(level=0, backends=("pytorch", "onnx"), overrides=overrides)).out_dir
     row["build_o0_s"] = time.perf_counter() - start
     backends = ("onnx", "tvm") if use_tvm else ("onnx",)
     start = time.perf_counter()
-    o2 = build(spec, work / f"{name}_o2", BuildOptions(level=2, backends=backends, weights=o0 / "weights.safetensors")).out_dir
+    o2 = build(spec, work / f"{name}_o2", BuildOptions(level=2, backends=backends, weights=o0 / "weights.safetensors", overrides=overrides)).out_dir
     row["build_o2_s"] = time.perf_counter() - start
 
     model = load_module(o0)
@@ -194,6 +210,17 @@ def bench_model(name: str, reps: int, tvm_reps: int, work: Path, use_tvm: bool) 
         runners[label] = (lambda s=s, feeds=feeds: s.run(None, feeds))
     if use_tvm:
         runners["lbdlc TVM"] = run_tvm_factory(o2, inputs)
+    if use_tvm:
+        from lbdlc.backends.tvm import compile_library
+        from lbdlc.passes import PassManager
+        from lbdlc.passes.pipeline import LEVELS
+
+        from lbdlc.targets import host_target
+
+        optimized = PassManager(LEVELS[2]).run(lower(load(spec, list(overrides)))).graph  # the -O2 graph (weights from the build)
+        runners["lbdlc TVM host"] = run_tvm_factory(o2, inputs, compile_library(optimized, host_target()))
+        if naive_tvm:
+            runners["lbdlc TVM naive"] = run_tvm_factory(o2, inputs, compile_library(optimized, schedule=False))
     for label, run in runners.items():
         got = run()
         row["diff"][label] = max(float(np.abs(np.asarray(g, np.float64) - r).max()) for g, r in zip(got, reference))
@@ -201,7 +228,8 @@ def bench_model(name: str, reps: int, tvm_reps: int, work: Path, use_tvm: bool) 
     # machine's changing load reaches all of them alike. Each timed run directly follows an
     # untimed run of the same variant: the runtime before it (ONNX Runtime's and PyTorch's
     # worker threads spin for a while after a run) must not slow it down.
-    fast = [label for label in runners if label != "lbdlc TVM"]
+    slow = ("lbdlc TVM naive",)
+    fast = [label for label in runners if label not in slow]
     times = {label: [] for label in runners}
     for r in range(reps):
         for label in fast[r % len(fast):] + fast[:r % len(fast)]:
@@ -209,11 +237,11 @@ def bench_model(name: str, reps: int, tvm_reps: int, work: Path, use_tvm: bool) 
             start = time.perf_counter()
             runners[label]()
             times[label].append(time.perf_counter() - start)
-    if "lbdlc TVM" in runners:
+    for label in [s for s in slow if s in runners]:
         for _ in range(tvm_reps):
             start = time.perf_counter()
-            runners["lbdlc TVM"]()
-            times["lbdlc TVM"].append(time.perf_counter() - start)
+            runners[label]()
+            times[label].append(time.perf_counter() - start)
     for label in runners:
         row["ms"][label] = 1000 * statistics.median(times[label])
         print(f"  {name:9} {label:26} {row['ms'][label]:10.1f} ms   max |diff| vs eager {row['diff'][label]:.1e}", flush=True)
@@ -242,7 +270,7 @@ def table(rows: list[dict], rate: float) -> str:
     return "\n".join(lines)
 
 
-SHORT = {BASELINE: "export + ORT", "lbdlc -O0 ONNX": "-O0", "lbdlc -O2 ONNX": "-O2", "lbdlc TVM": "TVM"}
+SHORT = {BASELINE: "export + ORT", "lbdlc -O0 ONNX": "-O0", "lbdlc -O2 ONNX": "-O2", "lbdlc TVM": "TVM", "lbdlc TVM host": "TVM host", "lbdlc TVM naive": "TVM naive"}
 
 
 def readme_section(rows: list[dict], rate: float, reps: int, tvm_reps: int) -> str:
@@ -252,7 +280,7 @@ def readme_section(rows: list[dict], rate: float, reps: int, tvm_reps: int) -> s
     return f"""{MARK_BEGIN}
 Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {torch.get_num_threads()} threads (torch {torch.__version__},
 onnxruntime {ort.__version__}); median of {reps} runs, each right after an untimed run of the same
-variant, variants in rotating order ({tvm_reps} runs for TVM). Matmul rate in the same run:
+variant, variants in rotating order ({tvm_reps} runs for TVM naive, if measured). Matmul rate in the same run:
 **{rate:.1f} GFLOP/s** (fp32 1024×1024×4096 MatMul in ONNX Runtime, mean of the start and the
 end of the run). Each cell: median latency (ratio to torch.onnx.export + ORT), and the share
 of the matmul rate it reaches (FLOPs / latency / matmul rate).
@@ -277,9 +305,10 @@ def write_readme(section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--tvm-reps", type=int, default=2, help="TVM is untuned and slow on CPU: fewer runs")
+    parser.add_argument("--tvm-reps", type=int, default=2, help="runs of the naive TVM library (--naive-tvm), slow on CPU")
+    parser.add_argument("--naive-tvm", action="store_true", help="also time TVM's naive loops (no lbdlc schedules): minutes per model")
     parser.add_argument("--no-tvm", action="store_true", help="skip the TVM library (its build and runs take minutes)")
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
@@ -291,7 +320,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            rows.append(bench_model(name, args.reps, args.tvm_reps, Path(tmp), not args.no_tvm))
+            rows.append(bench_model(name, args.reps, args.tvm_reps, Path(tmp), not args.no_tvm, args.naive_tvm))
     rate_end = matmul_rate()
     print(f"matmul rate at the end: {rate_end:.1f} GFLOP/s", flush=True)
     rate = statistics.mean([rate, rate_end])

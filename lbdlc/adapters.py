@@ -54,7 +54,7 @@ class AdapterConfig:
 
 
 def lora_nodes(graph: Graph) -> dict:
-    return {n.name: n for n in graph.nodes if n.op == "lora_linear"}
+    return {n.name: n for n in graph.nodes if n.op in ("lora_linear", "lora_linear_q")}  # lora_linear_q: QLoRA
 
 
 def save_adapter(graph: Graph, weights: dict, out_dir: str | Path, base_model: str | None = None,

@@ -89,7 +89,11 @@ def check(
             raise typer.Exit(code)
         return
     try:
-        summary = summarize(_graph(spec, overrides, strict)[1])
+        loaded, graph = _graph(spec, overrides, strict)
+        summary = summarize(graph)
+        from .finetune import describe  # `finetune:`: what the LoRA pass adds and what trains
+
+        finetune_line = describe(loaded, graph)
     except (SpecError, SpecErrors) as exc:
         _fail(exc)
     if as_json:
@@ -109,6 +113,8 @@ def check(
     out.print(f"outputs: {sig(summary.outputs)}", markup=False)
     extra = f" (+ {_fmt_int(summary.buffers)} buffer values)" if summary.buffers else ""
     out.print(f"{_fmt_int(summary.params)} parameters{extra}, {_fmt_int(summary.flops)} FLOPs per sample", markup=False)
+    if finetune_line:
+        out.print(finetune_line, markup=False)
 
 
 @app.command()
@@ -134,8 +140,9 @@ def build(
     target: list[str] = typer.Option([], "--target", "-t", help="Deploy target (repeatable): a preset (`lbdlc targets`; options after a colon: h100:fp16, arm64:so) or a TVM target as JSON; a bundle each in <output>/deploy/<target>. Replaces the spec's `deploy:`."),
     tune: Optional[int] = typer.Option(None, "--tune", min=1, help="Tune each target's TVM library with MetaSchedule, N trials; the database is kept in <output>/tuning and reused while the graph is unchanged."),
     static: list[str] = typer.Option([], "--static", help="Fix a symbolic dimension in the deploy libraries, NAME=SIZE (repeatable); --tune fixes each one, at 1 unless given."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) applied to the base weights."),
+    adapter: list[Path] = typer.Option([], "--adapter", help="A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) applied to the base weights; repeat it to merge several (with --merge)."),
     merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapters (`finetune:` or --adapter) into the base weights: the base model's parameters and ops."),
+    adapter_weights: Optional[str] = typer.Option(None, "--adapter-weights", help="With several --adapter and --merge: λ per adapter, comma-separated (default 1 each): W + Σ λ·(α/r)·BA."),
 ) -> None:
     """Compile a spec: model.py, weights.safetensors, model.onnx, a TVM library and manifest.json."""
     from .driver import BuildOptions, build as run_build, parse_size
@@ -146,13 +153,21 @@ def build(
         out_dir = output or Path("out") / load(spec, overrides).name
         options = BuildOptions(seed=seed, weights=weights, opset=opset, backends=tuple(backend), overrides=tuple(overrides), strict=strict, max_memory=limit,
                                passes=tuple(passes) if passes else None, level=opt_level, quantize=quantize,
-                               targets=tuple(target), tune=tune, static=tuple(static), adapter=adapter, merge=merge)
+                               targets=tuple(target), tune=tune, static=tuple(static), adapter=tuple(adapter) or None, merge=merge,
+                               adapter_weights=tuple(_adapter_weights(adapter_weights)))
         result = run_build(spec, out_dir, options)
     except (SpecError, SpecErrors) as exc:
         _fail(exc)
     _warn(result.warnings)
     m = result.manifest["model"]
     out.print(f"built {m['name']}: {_fmt_int(m['params'])} parameters -> {result.out_dir}", markup=False)
+    ft = result.manifest.get("finetune")
+    if ft and "trainable_params" in ft:  # `finetune:`: what train.py trains
+        out.print(f"  finetune: {_fmt_int(ft['trainable_params'])} of {_fmt_int(ft['params'])} parameters trainable "
+                  f"({100 * ft['trainable_fraction']:.2f}%), LoRA on {', '.join(ft['adapted_layers'][:6])}"
+                  f"{' ...' if len(ft['adapted_layers']) > 6 else ''}", markup=False)
+    elif ft and ft.get("merged"):
+        out.print(f"  finetune: adapters merged into the base weights; {ft.get('precision', '')}", markup=False)
     for name, info in result.manifest["artifacts"].items():
         out.print(f"  {name:<22} {info['bytes']:>12,} bytes  sha256 {info['sha256'][:12]}", markup=False)
     if result.manifest.get("deploy"):
@@ -205,6 +220,16 @@ def train(
     if code != 0:
         err.print(f"train.py failed (exit status {code})", markup=False)
         raise typer.Exit(1)
+
+
+def _adapter_weights(text: str | None) -> list[float]:
+    """--adapter-weights 0.5,0.3 -> [0.5, 0.3]."""
+    if text is None:
+        return []
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise SpecError(f"--adapter-weights must be comma-separated numbers, got {text!r}", hint="e.g. --adapter-weights 0.5,0.5") from None
 
 
 def _verified(out_dir: Path, backends: tuple[str, ...], tolerance: float) -> bool:

@@ -47,6 +47,9 @@ def train_memory(spec: Path, overrides: list[str], strict: bool, as_json: bool, 
     from .memory import estimate
 
     loaded, graph = _graph(spec, overrides, strict)
+    from .finetune import training_graph  # `finetune:`: the adapted graph, only A, B (and train_also) trainable
+
+    graph = training_graph(loaded, graph)
     limit = parse_size(device_memory) if device_memory else None
     config = train_config(loaded, graph, batch, _sizes(seq, size), precision, optimizer, device)
     plan = plan_for_spec(loaded, graph, config, _policy(checkpointing))

@@ -33,10 +33,13 @@ class BuildOptions:
     strict: bool = False  # warnings (unused inputs or layers) become errors
     passes: tuple[str, ...] | None = None  # --passes: the pass list (passes/pipeline.py), over -O and the spec
     level: int | None = None  # -O: an optimization level 0..3, over the spec's `compile:`
-    quantize: str | None = None  # -q: int8 (= q8_0) | q8_0 | q4_0 | q4_1, over the spec's `quantize:` default
+    quantize: str | None = None  # -q: int8 | int8-dynamic | int8-static (ORT, lbdlc/quant_int8.py) | q8_0 | q4_0 | q4_1, over the spec's `quantize:` default
     targets: tuple = ()  # --target: deploy targets (lbdlc/targets.py), over the spec's `deploy:`; a bundle each
     tune: int | None = None  # --tune N: MetaSchedule trials for each target's TVM library (lbdlc/tune.py)
     static: tuple[str, ...] = ()  # --static NAME=N: a symbolic dimension fixed in the deploy libraries
+    adapter: Path | tuple | None = None  # --adapter DIR (repeatable): PEFT LoRA adapters applied to the base (lbdlc/finetune.py)
+    merge: bool = False  # --merge: fold the LoRA adapters into the base weights (lora_merge)
+    adapter_weights: tuple[float, ...] = ()  # --adapter-weights: λ per adapter when several are merged (default 1 each)
 
 
 @dataclass
@@ -86,7 +89,13 @@ def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = Bu
 
     loaded.warnings += lock_warnings(loaded, list(options.overrides))
     _check_memory(loaded, graph, options.max_memory)
-    weights = load_checked(graph, options.weights) if options.weights else initialize(graph, options.seed)
+    from .finetune import prepare as finetune  # `finetune:` / --adapter / --merge: base weights, LoRA pass, merge
+
+    finetuned = finetune(loaded, graph, options)
+    if finetuned is not None:
+        graph, weights = finetuned.graph, finetuned.weights
+    else:
+        weights = load_checked(graph, options.weights) if options.weights else initialize(graph, options.seed)
     from .passes.pipeline import choose, optimize
 
     pipeline = choose(loaded, list(options.passes) if options.passes is not None else None, options.level)
@@ -102,15 +111,22 @@ def build(spec_path: str | Path, out_dir: str | Path, options: BuildOptions = Bu
             fp32 = optimize(loaded, graph, weights, pipeline, ("pytorch",))  # train.py trains model.py in fp32
             optimized.pytorch_graph, optimized.pytorch_weights = fp32.pytorch_graph, fp32.pytorch_weights
             optimized.pytorch_log, optimized.pytorch_mode = fp32.pytorch_log, fp32.pytorch_mode
+    optimized.finetune_train = finetuned.train if finetuned is not None else None  # what train.py trains and saves
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
     try:
         artifacts = _write_artifacts(loaded, optimized, tmp, options)
+        from .quant_build import after_artifacts  # int8 of model.onnx (onnxruntime.quantization), error vs fp32
+
+        artifacts, quant_entries = after_artifacts(loaded, graph, weights, optimized, tmp, artifacts, options, quantized)
         manifest = _manifest(loaded, graph, options, tmp, artifacts, optimized)
+        manifest.update(quant_entries)
         if quantized is not None:  # per matrix: format, bits, bytes before/after, dequantized weight error
             manifest["quantization"] = quantized[3]
+        if finetuned is not None:  # base weights, adapters, trainable fraction, merged or not
+            manifest["finetune"] = finetuned.report
         if getattr(optimized, "checkpointing", None) is not None:  # blocks recomputed, bytes saved, extra FLOPs
             manifest["checkpointing"] = optimized.checkpointing.to_json()
         from .bundle import write_bundles  # deploy targets: a self-contained bundle each, in deploy/ (lbdlc/bundle.py)
@@ -195,7 +211,15 @@ def _write_artifacts(loaded: Loaded, optimized, tmp: Path, options: BuildOptions
             from .backends import train_script
             from .training.check import plan
 
-            artifacts += train_script.write(plan(loaded, graph), tmp, graph.name, __version__)
+            protocol = plan(loaded, graph)
+            protocol.finetune = getattr(optimized, "finetune_train", None)  # train.py: freeze, save the adapters
+            from .quant_qat import qat_layers  # `quantize: {qat: true}`: train.py trains fake-quantized
+
+            protocol.qat, protocol.qat_line = qat_layers(loaded, graph)
+            from .backends.train_fsdp import refuse_unsupported  # `distributed: {strategy: fsdp}`
+
+            refuse_unsupported(loaded, protocol)
+            artifacts += train_script.write(protocol, tmp, graph.name, __version__)
     if "onnx" in options.backends:
         from .backends import onnx as onnx_backend
 

@@ -4,17 +4,20 @@ and reads PEFT adapter files).
     finetune:
       base: runs/gpt2/weights.safetensors   # base weights, the spec's parameter names
       lora:
-        targets: ["h.*.mlp.c_fc"]           # fnmatch patterns on layer names; default: every untied linear layer
+        targets: ["*.attn.q_proj"]          # fnmatch patterns on layer names; default: every untied linear layer
+                                            # (attention projections included: passes/decompose_attention.py)
         r: 8
         alpha: 16
         dropout: 0.05
         rslora: false                       # scale α/√r instead of α/r
       freeze: ["*"]                         # parameter patterns frozen (LoRA's A and B never are)
       train_also: ["head.*"]                # ... except these
+      qlora: {format: q4_1, merge: requantize}  # optional QLoRA: adapted layers' base weights quantized, frozen
 """
 from __future__ import annotations
 
 import fnmatch
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,9 +37,15 @@ class LoraSpec(_Strict):
     rslora: bool = False
 
 
+class QLoraSpec(_Strict):
+    format: Literal["q4_0", "q4_1", "q8_0"] = "q4_1"  # the frozen base's block format (lbdlc/quant_formats.py)
+    merge: Literal["requantize", "float32"] = "requantize"  # --merge: W̄ + scale·BA requantized, or kept fp32
+
+
 class FinetuneSpec(_Strict):
     base: str | None = None
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    qlora: QLoraSpec | None = None  # QLoRA: the adapted layers' base weights block-quantized and frozen
     freeze: list[str] = Field(default_factory=lambda: ["*"])
     train_also: list[str] = Field(default_factory=list)
 
@@ -51,6 +60,15 @@ def lora_pass(loaded, seed: int = 0):
     targets = lo.targets or list(DEFAULT_TARGETS)
     locs = [loc_of(loaded.raw, ("finetune", "lora", "targets", k)) for k in range(len(targets))] if lo.targets else None
     return LoRA(targets, lo.r, lo.alpha, lo.dropout, lo.rslora, seed, locs, loc_of(loaded.raw, ("finetune", "lora", "r")))
+
+
+def qlora_pass(loaded):
+    """The `qlora` pass of a spec's `finetune.qlora` (None without one)."""
+    from .passes.lora import QLoRA
+    from .source import loc_of
+
+    q = loaded.spec.finetune.qlora
+    return QLoRA(q.format, loc_of(loaded.raw, ("finetune", "qlora", "format"))) if q is not None else None
 
 
 def trainable(loaded, graph: Graph) -> list[str]:

@@ -369,6 +369,8 @@ for _op in ("add", "concat", "reshape", "flatten", "transpose", "permute", "sele
             "global_avg_pool2d", "upsample", "position_embedding", "sinusoidal_position", "cls_token",
             "argmax", "timestep_embedding"):
     SAVES[_op] = _nothing
+# QLoRA (lora_linear_q): LoRA's adapter path, and the dequantized base weight as linear_q keeps it.
+SAVES["lora_linear_q"] = lambda c: _lora_linear(c) + [("new", "weight", c.node.attrs.in_features * c.node.attrs.out_features, 4)]
 
 
 # What selective recomputation keeps of an op (checkpointing `selective`: the generated
@@ -390,12 +392,14 @@ CACHED: dict[str, Callable] = {
     "fused_linear": _cached_pre_activation, "fused_conv2d": _cached_pre_activation,
     "attention": _cached_attention, "scaled_dot_product_attention": lambda c: [("out", 0), ("new", "logsumexp", c.n_out() // c.node.outputs[0].type.shape[-1], 4)],
 }
+CACHED["lora_linear_q"] = _output
 
 # Outputs that alias their input's storage (views), and ops that autocast runs in 16 bits / float32.
 VIEWS = {"reshape", "flatten", "transpose", "permute", "select", "slice", "split"}
 NON_CONTIGUOUS = {"transpose", "permute"}
 HALF_OPS = {"linear", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "fused_linear", "fused_conv2d",
             "matmul", "attention", "scaled_dot_product_attention", "lora_linear", "linear_q", "graph_conv", "rnn", "lstm", "gru"}
+HALF_OPS.add("lora_linear_q")
 # Ops whose output is float32 under autocast: CUDA's float32 list, and (both devices) ops
 # whose output comes from float32 parameters; on the CPU other ops keep their input's width.
 FLOAT32_OPS = {"layer_norm", "group_norm", "rms_norm", "softmax", "log_softmax", "softplus", "l2_normalize"}
@@ -443,10 +447,12 @@ def trainable_params(graph: Graph) -> dict[str, bool]:
     """Parameter name -> trainable (buffers and LoRA's frozen base weights are not)."""
     out = {name: not p.buffer for name, p in graph.params.items()}
     for n in graph.nodes:
-        if n.op == "lora_linear":
+        if n.op in ("lora_linear", "lora_linear_q"):  # the frozen base (lora_linear_q's is buffers, and the bias)
             for local in ("weight", "bias"):
                 if local in n.params:
                     out[n.params[local]] = False
+    for name in getattr(graph, "frozen", ()):  # a fine-tune's `freeze:` (lbdlc/finetune.py's training_graph)
+        out[name] = False
     return out
 
 

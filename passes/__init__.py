@@ -8,5 +8,7 @@
 from . import canonicalize, fold, fusion  # noqa: F401  (register the passes)
 from . import quantize  # noqa: F401  (the quantize pass; lbdlc/ops/quant.py's linear_q)
 from . import lora  # noqa: F401  (the lora and lora_merge passes; lbdlc/ops/lora.py's lora_linear)
+from . import decompose_attention  # noqa: F401  (attention -> linear projections + SDPA, and back)
+from . import recognize  # noqa: F401  (recognize_layer_norm; gelu rules of recognize_activations)
 from .manager import PASSES, Pass, PassContext, PassManager, PassRecord, check_graph  # noqa: F401
 from .pipeline import DEFAULT_LEVEL, LEVELS, Pipeline, choose  # noqa: F401

@@ -10,6 +10,7 @@ from lbdlc.ops.fused import ACTIVATION_OPS, activation_of
 from .canonicalize import same_type
 from .manager import Pass, register
 from .pattern import P, Rewrite, fuse, rewrite
+from .recognize import GELU_RULES  # GELU written out with erf or tanh
 
 ACTIVATIONS = {op for op, _ in ACTIVATION_OPS.values()}
 
@@ -104,13 +105,13 @@ def _silu(m) -> list[Node]:
     return [Node("silu", mul.name, [m.value("x")], list(mul.outputs), ops.get("silu").Attrs(), {}, mul.origin)]
 
 
-_RECOGNIZE = [Rewrite(P("mul", "x", P("sigmoid", "x"), commutative=True), _silu, "x·sigmoid(x) -> silu")]
+_RECOGNIZE = [Rewrite(P("mul", "x", P("sigmoid", "x"), commutative=True), _silu, "x·sigmoid(x) -> silu"), *GELU_RULES]
 
 
 @register
 class RecognizeActivations(Pass):
     name = "recognize_activations"
-    description = "Activations written out from primitives become the op itself: x·sigmoid(x) -> silu."
+    description = "Activations written out from primitives become the op itself: x·sigmoid(x) -> silu, x·Φ(x) with erf or tanh -> gelu."
 
     def run(self, graph, ctx):
         return rewrite(graph, _RECOGNIZE, ctx)

@@ -28,7 +28,7 @@ from lbdlc.source import Loc, loc_of
 from .manager import PASSES
 
 CLEANUP = ["remove_dropout", "remove_identities", "eliminate_common_subexpressions", "eliminate_dead_code"]
-FUSION = ["fold_constants", "fold_batch_norm", "recognize_activations", "fuse_attention",
+FUSION = ["fold_constants", "fold_batch_norm", "recognize_layer_norm", "recognize_activations", "fuse_attention",
           "fuse_linear_activation", "fuse_conv_activation"]
 LEVELS: dict[int, list[str]] = {
     0: [],

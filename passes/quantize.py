@@ -7,7 +7,12 @@ codes in ONNX Runtime MatMulNBits' nibble order). Which matrices: per-matrix rul
 pattern (fnmatch on the layer name, e.g. `h.*.mlp.c_fc`), first match wins, a rule with
 format None keeps the layer fp32; layers no rule matches get the default format. Layers
 that cannot be block-quantized stay fp32: a row length not a multiple of 32, a weight tied
-to another layer (GPT-2's lm_head shares wte.weight), or a non-float32 input.
+to another layer, or a non-float32 input. Token embeddings become `embedding_q` (the same
+blocks along each row, gathered then dequantized); a bias-free linear layer tied to the table
+(GPT-2's lm_head shares wte.weight) becomes a linear_q on the same buffers, stored once
+(in the table's format; a rule keeping the head fp32 keeps the table fp32 too).
+Attention layers whose projections are to be quantized are first written out as linear
+layers (passes/decompose_attention.py), so `*.attn.v_proj` rules reach them.
 
 Gap worked around here: passes/manager.py's DTYPE_BYTES has no uint8 entry (it sizes the
 pass log), so this module adds one.
@@ -89,14 +94,31 @@ class Quantize(Pass):
         return self.default, None
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        self._decompose_attention(graph, ctx)
         uses: dict[str, int] = {}
+        users: dict[str, list[Node]] = {}
         for n in graph.nodes:
             for full in n.params.values():
                 uses[full] = uses.get(full, 0) + 1
+                users.setdefault(full, []).append(n)
         matched: set[int] = set()
         self.report = []
         nodes = []
+        tied: dict[int, Node] = {}  # id(linear node) -> its linear_q on a quantized embedding's table
+        for n in list(graph.nodes):  # embeddings first: an LM head tied to a table may come before it
+            if n.op == "embedding":
+                fmt, k = self.format_for(n.name)
+                if k is not None:
+                    matched.add(k)
+                tied[id(n)] = self._quantize_embedding(graph, n, fmt, users, tied, ctx) if fmt is not None else n
         for n in graph.nodes:
+            if id(n) in tied:
+                if n.op == "linear":  # a head on a quantized table: its rule counts as used
+                    k = self.format_for(n.name)[1]
+                    if k is not None:
+                        matched.add(k)
+                nodes.append(tied[id(n)])
+                continue
             if n.op != "linear":
                 nodes.append(n)
                 continue
@@ -113,10 +135,60 @@ class Quantize(Pass):
         unused = [r for k, r in enumerate(self.rules) if k not in matched]
         if unused:
             names = sorted(n.name for n in graph.nodes if n.op == "linear")
-            raise SpecError(f"quantization rule '{unused[0].match}' matches no linear layer", unused[0].loc,
+            raise SpecError(f"quantization rule '{unused[0].match}' matches no linear layer or embedding", unused[0].loc,
                             hint=f"linear layers: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
         graph.nodes = nodes
         return graph
+
+    def _decompose_attention(self, graph: Graph, ctx: PassContext) -> None:
+        """Attention layers hold their q/k/v/out projections inside one node: write out those
+        whose projections some rule (or the default) quantizes (passes/decompose_attention.py),
+        so the projections become linear layers this pass reaches."""
+        try:
+            from .decompose_attention import PROJECTIONS, decompose_attention
+        except ImportError:  # pragma: no cover - the pass ships with lbdlc
+            return
+        names = [n.name for n in graph.nodes if n.op == "attention"
+                 and any(self.format_for(f"{n.name}.{p}")[0] is not None for p in PROJECTIONS)]
+        if names:
+            decompose_attention(graph, names)
+            ctx.note("attention decomposed for quantization", len(names))
+
+    def _quantize_embedding(self, graph: Graph, n: Node, fmt: str, users: dict, tied: dict, ctx: PassContext) -> Node:
+        """embedding -> embedding_q; bias-free linear layers tied to its table (an LM head)
+        become linear_q nodes that read the same packed buffers."""
+        w_name = n.params["weight"]
+        rows, cols = n.attrs.num_embeddings, n.attrs.embedding_dim
+        others = [u for u in users.get(w_name, []) if u is not n]
+        if (cols % qf.BLOCK or w_name != f"{n.name}.weight"
+                or not all(u.op == "linear" and not u.attrs.bias and u.attrs.in_features == cols
+                           and u.attrs.out_features == rows and u.inputs[0].type.dtype == "float32" for u in others)
+                or any(self.format_for(u.name)[0] is None for u in others)):  # a head kept fp32 keeps its table fp32
+            return n
+        attrs = ops.get("embedding_q").Attrs(num_embeddings=rows, embedding_dim=cols, format=fmt)
+        decl = ops.get("embedding_q").params(attrs, [v.type for v in n.inputs])
+        new_params = {local: f"{n.name}.{local}" for local in decl}
+        for local, d in decl.items():
+            graph.params[new_params[local]] = Param.named(new_params[local], d)
+        entry = {"layer": n.name, "format": fmt, "bits": BITS[fmt], "bytes_before": rows * cols * 4,
+                 "bytes_after": sum(graph.params[f].numel * DTYPE_BYTES[graph.params[f].dtype] for f in new_params.values())}
+        if others:
+            entry["tied"] = [u.name for u in others]
+        if ctx.weights is not None:
+            w = ctx.weights.pop(w_name).detach().float().numpy()
+            buffers = to_graph_layout(qf.pack(w, fmt), fmt)
+            for local, arr in buffers.items():
+                ctx.weights[new_params[local]] = torch.from_numpy(np.ascontiguousarray(arr))
+            err = dequantize(buffers, fmt) - w
+            entry["max_abs_error"] = float(np.abs(err).max())
+            entry["rel_rms_error"] = float(np.sqrt((err ** 2).mean() / max((w ** 2).mean(), 1e-30)))
+        del graph.params[w_name]
+        for u in others:
+            la = ops.get("linear_q").Attrs(out_features=rows, in_features=cols, bias=False, format=fmt)
+            tied[id(u)] = Node("linear_q", u.name, list(u.inputs), list(u.outputs), la, dict(new_params), u.origin)
+        self.report.append(entry)
+        ctx.note(f"embedding quantized to {fmt}")
+        return Node("embedding_q", n.name, list(n.inputs), list(n.outputs), attrs, new_params, n.origin)
 
     def _quantize(self, graph: Graph, n: Node, fmt: str, ctx: PassContext) -> Node:
         attrs = ops.get("linear_q").Attrs(out_features=n.attrs.out_features, in_features=n.attrs.in_features,
@@ -159,21 +231,51 @@ def from_spec(spec, raw=None) -> Quantize:
     return Quantize(spec.resolve(spec.default), rules)
 
 
+CHOICES = ("int8", "int8-dynamic", "int8-static", "q8_0", "q4_0", "q4_1", "int4", "none")
+
+
+def effective_spec(loaded, choice: str | None):
+    """The spec's `quantize:` section with `-q` applied (None: no quantization asked for).
+    `-q int8` is ONNX Runtime's int8 (the spec's method if it names dynamic or static, else
+    dynamic); `-q q8_0` is the weight-only 8-bit block format."""
+    from lbdlc.quant_spec import INT8_METHODS, QuantizeSpec
+
+    spec = getattr(loaded.spec, "quantize", None)
+    if choice is None:
+        return spec
+    if choice not in CHOICES:
+        raise SpecError(f"unknown quantization '{choice}'", hint="-q takes int8 (int8-dynamic, int8-static), q8_0, q4_0, q4_1 "
+                        "or none; weight-only 8-bit blocks (what -q int8 meant before) are q8_0")
+    base = spec or QuantizeSpec()
+    if choice.startswith("int8"):
+        method = choice.split("-", 1)[1] if "-" in choice else (base.method if base.method in INT8_METHODS else "dynamic")
+        return base.model_copy(update={"default": "int8", "method": method})
+    return base.model_copy(update={"default": choice, "method": "weight_only"})
+
+
 def for_build(loaded, graph: Graph, weights: dict, choice: str | None = None):
     """What `lbdlc build` quantizes: the spec's `quantize:` section, its default replaced by
     `-q` when given (`-q` alone quantizes every linear layer it can). Returns None when
     nothing asks for quantization, else (graph, weights, pass log, per-matrix report)."""
-    from lbdlc.quant_spec import QuantizeSpec
-
-    spec = getattr(loaded.spec, "quantize", None)
-    if spec is None and choice is None:
+    spec = effective_spec(loaded, choice)
+    if spec is None:
         return None
-    if choice is not None:
-        if choice not in ("int8", "q8_0", "q4_0", "q4_1", "int4", "none"):
-            raise SpecError(f"unknown quantization '{choice}'", hint="-q takes int8, q8_0, q4_0 or q4_1")
-        spec = (spec or QuantizeSpec()).model_copy(update={"default": choice})
     q = from_spec(spec, loaded.raw)
     from .manager import PassManager
 
+    if spec.int8_method:  # int8 is ONNX Runtime's quantizer on the ONNX file (lbdlc/quant_int8.py);
+        # the IR pass runs only for rules asking for a block format (mixed precision), and
+        # attention layers a rule names a projection of are written out, so that ONNX Runtime
+        # can leave out (or int8-quantize) that projection alone
+        from .decompose_attention import PROJECTIONS, DecomposeAttention
+
+        named = [n.name for n in graph.nodes if n.op == "attention"
+                 and any(fnmatch.fnmatchcase(f"{n.name}.{p}", r.match) for p in PROJECTIONS for r in q.rules)]
+        q.rules = [r for r in q.rules if r.format is not None]
+        passes = ([DecomposeAttention(named)] if named else []) + ([q] if q.rules else [])
+        if not passes:
+            return None
+        result = PassManager(passes, "inference").run(graph, weights)
+        return result.graph, result.weights, result.log, list(q.report)
     result = PassManager([q], "inference").run(graph, weights)
     return result.graph, result.weights, result.log, list(q.report)

@@ -71,6 +71,28 @@ def run_tvm(graph: Graph, weights: dict, inputs: dict) -> list[np.ndarray]:
 RUNNERS = {"onnx": run_onnx, "pytorch": run_pytorch, "tvm": run_tvm}
 
 
+def write_artifacts(graph: Graph, weights: dict, out, spec, backends=()):
+    """The build directory lbdlc.verify runs (model.py, weights, and the ONNX/TVM artifacts
+    in `backends`), written straight from a pass manager's graph and weights."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lbdlc.backends import onnx as onnx_backend
+    from lbdlc.backends import pytorch as pytorch_backend
+    from lbdlc.backends import tvm as tvm_backend
+
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
+    pytorch_backend.write(graph, out, str(spec), None, "test")
+    if "onnx" in backends:
+        onnx_backend.write(graph, weights, out)
+    if "tvm" in backends:
+        tvm_backend.write(graph, out)
+    (out / "manifest.json").write_text(json.dumps({"model": {"parameter_order": graph.inference_params()}}))
+    return out
+
+
 def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     assert len(a) == len(b)
     worst = 0.0

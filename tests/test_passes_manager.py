@@ -165,7 +165,8 @@ layers:
 def test_levels_name_registered_passes():
     assert LEVELS[0] == [] and set(LEVELS[1]) < set(LEVELS[2]) <= set(LEVELS[3]) <= set(PASSES)
     mine = ["eliminate_dead_code", "eliminate_common_subexpressions", "remove_identities", "remove_dropout", "fold_constants",
-            "fold_batch_norm", "fuse_linear_activation", "fuse_conv_activation", "fuse_attention", "recognize_activations"]
+            "fold_batch_norm", "fuse_linear_activation", "fuse_conv_activation", "fuse_attention", "recognize_activations",
+            "recognize_layer_norm"]
     assert set(LEVELS[2]) == set(mine)
 
 

@@ -136,3 +136,75 @@ class Mul(Add):
     """Elementwise product of two or more tensors with NumPy broadcasting (gates, scaling)."""
 
     name = "mul"
+
+
+# Arithmetic primitives: enough to write LayerNorm, GELU and similar formulas out by hand
+# (`recognize_norms` at -O2 turns those back into the single ops).
+
+
+@register
+class Sub(Op):
+    """a − b, elementwise with NumPy broadcasting."""
+
+    name = "sub"
+    arity = 2
+
+    def infer(self, a, ins):
+        return [TensorType(broadcast([t.shape for t in ins]), ins[0].dtype)]
+
+    def flops(self, a, ins, outs):
+        return numel(outs[0].shape)
+
+
+@register
+class Div(Sub):
+    """a / b, elementwise with NumPy broadcasting."""
+
+    name = "div"
+
+
+@register
+class Sqrt(Op):
+    """Square root."""
+
+    name = "sqrt"
+    flops_per_element = 1
+
+
+@register
+class Rsqrt(Op):
+    """1 / √x."""
+
+    name = "rsqrt"
+    flops_per_element = 2
+
+
+@register
+class Erf(Op):
+    """The error function erf(x) = 2/√π ∫₀ˣ exp(−t²) dt."""
+
+    name = "erf"
+    flops_per_element = 8
+
+
+@register
+class Pow(Op):
+    """x ** exponent, a constant exponent (x² for a variance, x³ in tanh-GELU)."""
+
+    name = "pow"
+    flops_per_element = 2
+
+    class Attrs(OpAttrs):
+        exponent: float
+
+
+@register
+class Affine(Op):
+    """x · scale + shift with constant scalars: halving, x/√2, 1 + t, adding an epsilon."""
+
+    name = "affine"
+    flops_per_element = 2
+
+    class Attrs(OpAttrs):
+        scale: float = 1.0
+        shift: float = 0.0

@@ -61,3 +61,42 @@ class LinearQ(Op):
 
     def flops(self, a, ins, outs):
         return numel(outs[0].shape) * (2 * a.in_features + (1 if a.bias else 0))
+
+
+@register
+class EmbeddingQ(Op):
+    """Token lookup in a block-quantized table (blocks of 32 along each row, the layout of
+    linear_q): the rows of the ids are gathered from the packed codes, scales and minimums,
+    then dequantized, W̄ = d·(q − z) + m. The quantize pass makes it from `embedding`; a linear
+    layer tied to the table (GPT-2's lm_head) becomes a linear_q reading the same buffers."""
+
+    name = "embedding_q"
+    input_kind = "int"
+
+    class Attrs(OpAttrs):
+        num_embeddings: PositiveInt
+        embedding_dim: PositiveInt
+        format: Literal["q8_0", "q4_0", "q4_1"] = "q4_1"
+
+    def resolve(self, a, ins):
+        if a.embedding_dim % BLOCK:
+            raise ShapeError(f"embedding_q needs embedding_dim divisible by the block size {BLOCK}, got {a.embedding_dim}",
+                             field="embedding_dim")
+        return a
+
+    def infer(self, a, ins):
+        return [TensorType(ins[0].shape + (a.embedding_dim,), "float32")]
+
+    def params(self, a, ins):
+        nb = a.embedding_dim // BLOCK
+        zero = Init("zeros")
+        p = {
+            "qweight": ParamDef((a.num_embeddings, nb, CODE_BYTES[a.format]), zero, dtype="uint8", buffer=True),
+            "scale": ParamDef((a.num_embeddings, nb), Init("constant", (("value", 1.0 / 64),)), dtype="float16", buffer=True),
+        }
+        if a.format == "q4_1":
+            p["min"] = ParamDef((a.num_embeddings, nb), zero, dtype="float16", buffer=True)
+        return p
+
+    def flops(self, a, ins, outs):
+        return numel(outs[0].shape) * 2  # dequantize the gathered rows: a multiply and an add per value

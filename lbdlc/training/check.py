@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..errors import Note, SpecError, did_you_mean
 from ..ir import Graph, TensorType, dim_str
 from ..source import key_loc, loc_of
+from . import special
 from .schema import CLASS_LOSSES, CLASS_METRICS, TrainSpec
 
 NORM_OPS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
@@ -62,6 +63,12 @@ class Plan:
     lines: dict[str, int] = field(default_factory=dict)  # train.<path> -> spec line
     data_paths: list[str] = field(default_factory=list)  # data files, resolved against the spec's folder
     train_line: int | None = None  # the line of `train:`
+    noise: dict = field(default_factory=dict)  # gan: noise input -> sample shape, drawn in forward() (special.py)
+    model_inputs: list[str] = field(default_factory=list)  # every input of the model, in forward order
+    find_unused: bool = False  # DistributedDataParallel(find_unused_parameters=...)
+    finetune: object = None  # lbdlc/finetune.py's TrainFinetune: train.py freezes the rest, saves the LoRA adapters
+    qat: dict = field(default_factory=dict)  # layer -> block format trained fake-quantized (backends/train_qat.py)
+    qat_line: int | None = None  # of `qat:` in the spec
 
     def line(self, *path) -> int | None:
         return self.lines.get(".".join(map(str, path)))
@@ -107,15 +114,21 @@ def plan(loaded, graph: Graph) -> Plan:
     outputs = [_tensor(v) for v in graph.outputs]
     _check_length(c)
     losses = _losses(c, inputs, outputs)
+    model_inputs = [i.name for i in inputs]
+    inputs = special.data_inputs(losses, inputs)  # a GAN's noise is drawn, not read from the data
     targets = _targets(c, losses, outputs)
     int_high = _int_ranges(c, graph, inputs)
     _check_data(c, inputs, outputs, losses, targets)
+    c.train_folder = loaded.path.parent  # data paths are relative to the spec's folder
+    special.check_data(c, losses, inputs, outputs, targets)
     no_decay = _check_optimizer(c, graph)
     _check_run(c, losses, outputs)
     metric_output = _check_metrics(c, losses, outputs, targets)
     lines = _lines(c.raw["train"], "")
+    noise = {k: v for lp in losses if lp.spec.kind == "gan" for k, v in lp.extra["noise"].items()}
     return Plan(t, loaded.path.name, inputs, outputs, losses, targets, int_high, no_decay, metric_output,
-                list(graph.params), lines, _data_paths(loaded, t), c.raw.key_locs["train"].line)
+                list(graph.params), lines, _data_paths(loaded, t), c.raw.key_locs["train"].line,
+                noise=noise, model_inputs=model_inputs, find_unused=special.find_unused(c, graph, losses))
 
 
 def _data_paths(loaded, t: TrainSpec) -> list[str]:
@@ -123,7 +136,7 @@ def _data_paths(loaded, t: TrainSpec) -> list[str]:
     d = t.data
     if d.kind == "npy":
         names = list(d.inputs.values()) + list(d.targets.values())
-    elif d.kind in ("npz", "csv", "text"):
+    elif d.kind in ("npz", "csv", "text", "image_folder"):
         names = [d.path]
     else:
         names = []
@@ -173,6 +186,9 @@ def _losses(c: _Ctx, inputs: list[Tensor], outputs: list[Tensor]) -> list[LossPl
     names = [o.name for o in outputs]
     for k, loss in enumerate(t.loss_list()):
         path = ("loss",) if single else ("losses", k)
+        if loss.kind == "gan":  # reads two outputs and draws an input (special.py)
+            out.append(special.gan_plan(c, loss, path, inputs, outputs))
+            continue
         if loss.output is None:
             if len(outputs) > 1:
                 raise SpecError(f"the model has {len(outputs)} outputs; say which one this loss is for", c.at(*path),
@@ -189,7 +205,8 @@ def _losses(c: _Ctx, inputs: list[Tensor], outputs: list[Tensor]) -> list[LossPl
         o = outputs[names.index(name)]
         tokens = _check_loss_fits(c, loss, o, inputs, path)
         extra = _check_special(c, loss, o, inputs, outputs, path)
-        target = None if loss.kind in TARGETLESS else name
+        target = None if loss.kind in TARGETLESS + special.TARGETLESS else name
+        tokens = tokens or extra.get("tokens")  # masked_lm's token input
         out.append(LossPlan(loss, name, names.index(name), target, tokens, line=c.at(*path).line, extra=extra))
     return out
 
@@ -230,6 +247,8 @@ TARGETLESS = ("next_token", "vae", "clip")  # losses whose targets come from the
 
 def _check_special(c: _Ctx, loss, o: Tensor, inputs: list[Tensor], outputs: list[Tensor], path) -> dict:
     """vae: mu and logvar outputs, the input reconstructed; clip: a square [batch, batch] output."""
+    if loss.kind in special.KINDS:
+        return special.check(c, loss, o, inputs, outputs, path)
     if loss.kind == "clip":
         if len(o.shape) != 2 or o.shape[0] != o.shape[1]:
             raise SpecError(f"clip reads a [batch, batch] matrix of pair logits; '{o.name}' has shape {o.shape_text()}",
@@ -272,7 +291,9 @@ def _targets(c: _Ctx, losses: list[LossPlan], outputs: list[Tensor]) -> dict[str
         if lp.target is None:
             continue
         o = next(o for o in outputs if o.name == lp.output)
-        if lp.spec.kind in CLASS_LOSSES:
+        if special.target_of(lp, o) is not None:
+            want = special.target_of(lp, o)
+        elif lp.spec.kind in CLASS_LOSSES:
             want = Tensor(o.name, o.shape[:-1], "int64")
         else:
             want = Tensor(o.name, list(o.shape), "float32")
@@ -336,6 +357,10 @@ def _check_data(c: _Ctx, inputs: list[Tensor], outputs: list[Tensor], losses: li
                 hint = "write `flatten: true`" + (f" (64 features), or resize so that H * W = {image.shape[1]}" if image.shape[1] != 64 else "")
             raise SpecError(f"the digits data gives samples of shape {shape}, but input '{image.name}' is "
                             f"{image.shape_text()} (batch first)", c.at("data", "resize") if data.resize else kind_at, hint=hint)
+        if data.classes and len(set(data.classes)) < len(data.classes):  # `classes:` keeps each digit once
+            k = next(k for k, v in enumerate(data.classes) if v in data.classes[:k])
+            raise SpecError(f"digit {data.classes[k]} is listed twice in `classes`", c.at("data", "classes", k),
+                            hint="list each digit 0-9 once")
         if data.augment and (data.augment.crop or data.augment.flip) and data.flatten:
             raise SpecError("crop and flip need images; with `flatten: true` the samples are vectors",
                             c.at("data", "augment"))
@@ -369,7 +394,7 @@ def _check_data(c: _Ctx, inputs: list[Tensor], outputs: list[Tensor], losses: li
                             key_loc(c.raw, ("train", "data", "sizes", unknown[0])),
                             hint=did_you_mean(unknown[0], named) or (f"symbolic dimensions: {', '.join(sorted(named))}" if named else "the inputs have none"))
     elif data.kind == "text":
-        if any(lp.spec.kind != "next_token" for lp in losses):
+        if any(lp.spec.kind not in ("next_token", "masked_lm") for lp in losses):
             raise SpecError("text data gives token windows only: its losses are `next_token`", kind_at,
                             hint="use `loss: {kind: next_token}`")
         tok = inputs[0] if len(inputs) == 1 else None

@@ -29,7 +29,7 @@ class TrainOptions:
     stop_at: int | None = None
 
 
-def prepare(spec_path: Path, out_dir: Path, overrides: tuple[str, ...], strict: bool):
+def prepare(spec_path: Path, out_dir: Path, overrides: tuple[str, ...], strict: bool, weights: Path | None = None):
     """Build the PyTorch side of a spec with a `train:` section; keeps `<out_dir>/run`."""
     from ..driver import BuildOptions, build
     from ..lower import load, lower
@@ -51,7 +51,7 @@ def prepare(spec_path: Path, out_dir: Path, overrides: tuple[str, ...], strict: 
         shutil.rmtree(kept, ignore_errors=True)
         run_dir.rename(kept)
     try:
-        result = build(spec_path, out_dir, BuildOptions(backends=("pytorch",), overrides=overrides, strict=strict))
+        result = build(spec_path, out_dir, BuildOptions(backends=("pytorch",), overrides=overrides, strict=strict, weights=weights))
     finally:
         if kept.is_dir():
             out_dir.mkdir(parents=True, exist_ok=True)

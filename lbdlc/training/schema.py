@@ -129,8 +129,20 @@ class TextData(DataBase):
     stride: PositiveInt | None = None  # between training windows; default 1 (every offset)
 
 
+class ImageFolderData(DataBase):
+    """Images in class subfolders, `path/<class>/<image>` (PNG, JPEG, BMP, GIF), read with Pillow:
+    class ids in sorted order of the folder names; each image converted to grey or RGB (the
+    input's channels), resized to the input's height and width, scaled to `range`."""
+
+    kind: Literal["image_folder"]
+    path: str
+    range: tuple[float, float] = (0.0, 1.0)
+    augment: Augment | None = None
+    target: ScopedName | None = None  # the output the labels are for; default: the first loss's
+
+
 DataSpec = Annotated[
-    Union[DigitsData, SyntheticData, NpzData, NpyData, CsvData, TextData], Field(discriminator="kind")
+    Union[DigitsData, SyntheticData, NpzData, NpyData, CsvData, TextData, ImageFolderData], Field(discriminator="kind")
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -433,6 +445,14 @@ class Checkpoint(StrictModel):
     every: PositiveInt | None = None  # steps; default: after each epoch and at the end
 
 
+class Distributed(StrictModel):
+    """How train.py runs under torchrun: `ddp` keeps a replica of the model in every process
+    and averages gradients; `fsdp` shards parameters, gradients and optimizer state over the
+    processes (backends/train_fsdp.py), for models that do not fit one device."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
 class Log(StrictModel):
     every: PositiveInt = 10  # steps between progress lines (and rows of metrics.csv)
     tensorboard: bool = False  # also write TensorBoard events when tensorboard is installed
@@ -521,6 +541,7 @@ class TrainSpec(StrictModel):
     # DistributedDataParallel(find_unused_parameters=...): default true exactly when some
     # trainable parameter cannot reach a loss (lbdlc/training/special.py).
     find_unused_parameters: bool | None = None
+    distributed: Distributed = Distributed()  # ddp | fsdp under torchrun (backends/train_fsdp.py)
     checkpointing: CheckpointingSpec = "none"  # recompute repeated blocks in backward (lbdlc/checkpointing.py)
 
     def loss_list(self) -> list:
