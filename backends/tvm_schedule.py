@@ -532,6 +532,10 @@ def _dense_rewriter():
                 return call
             if x.ty.dtype != w.ty.dtype or x.ty.dtype != call.ty.dtype:
                 return call
+            if not all(isinstance(d, (tirx.IntImm, tirx.Var)) for d in x.ty.shape):
+                # an input length like `seq + 1` (after a class token): FuseTIR cannot map the
+                # call_te kernel's parameters onto it (InternalError), so TVM's matmul stays
+                return call
             return self.builder_.call_te(_dense_te, x, w, primfunc_name_hint="dense")
 
     return DenseRewriter

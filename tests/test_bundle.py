@@ -174,14 +174,19 @@ def test_run_py_bench_on_the_board(built, tmp_path):
 
 @pytest.mark.slow
 def test_mobilenet_v2_for_arm64_and_cpu(tmp_path, cli):
-    """The issue's acceptance build: mobilenet_v2 bundles for arm64 (ELF aarch64 objects) and the
-    host CPU (run.py in a fresh interpreter agrees with `lbdlc run` and with PyTorch)."""
+    """The issue's acceptance build, `-q int8`: mobilenet_v2 bundles for arm64 (ELF aarch64
+    objects) and the host CPU (run.py in a fresh interpreter agrees with `lbdlc run` and, within
+    the int8 error, with PyTorch's fp32)."""
     from lbdlc.bundle import object_machines
 
     out = tmp_path / "mobilenet_v2"
-    code, _, stderr = cli("build", SPECS / "mobilenet_v2.yaml", "-o", out, "--target", "arm64", "--target", "cpu")
+    code, _, stderr = cli("build", SPECS / "mobilenet_v2.yaml", "-o", out, "--target", "arm64", "--target", "cpu", "-q", "int8")
     assert code == 0, stderr
     assert set(object_machines(out / "deploy" / "arm64" / "model.tvm.tar").values()) == {183}
+    import onnx  # the bundles carry ONNX Runtime's int8 model (dynamic: integer convolutions)
+
+    ops = {n.op_type for n in onnx.load(str(out / "deploy" / "cpu" / "model.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "ConvInteger"} <= ops, ops
     x = tmp_path / "x.npy"
     np.save(x, np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32))
     board = tmp_path / "board"
