@@ -633,17 +633,22 @@ def _linear_q(e, n, x, out):
     e.add("Add", [e.add("MatMul", [x[0], wt], e.temp(s, "matmul"), s), b[0]], out, s)
 
 
-def _lora_linear(e, n, x, out):
-    """lora_linear: the base linear (Gemm or MatMul), plus scale·(x Aᵀ) Bᵀ."""
-    s = n.name
-    base = e.temp(s, "base")
-    _linear(e, n, x, base)
-    at = e.add("Transpose", [n.params["lora_A.weight"]], e.temp(s, "lora_A_t"), s, perm=[1, 0])
-    bt = e.add("Transpose", [n.params["lora_B.weight"]], e.temp(s, "lora_B_t"), s, perm=[1, 0])
-    h = e.add("MatMul", [x[0], at], e.temp(s, "lora_down"), s)
-    d = e.add("MatMul", [h, bt], e.temp(s, "lora_up"), s)
-    d = e.add("Mul", [d, e.const(s, "lora_scale", np.array(n.attrs.scale, np.float32))], e.temp(s, "lora_scaled"), s)
-    e.add("Add", [base, d], out, s)
+def _with_adapters(base_emitter):
+    """lora_linear / lora_linear_q: the base layer's emission (linear's Gemm or MatMul,
+    linear_q's quantized kernel), plus scale·(x Aᵀ) Bᵀ."""
+
+    def emit(e, n, x, out):
+        s = n.name
+        base = e.temp(s, "base")
+        base_emitter(e, n, x, base)
+        at = e.add("Transpose", [n.params["lora_A.weight"]], e.temp(s, "lora_A_t"), s, perm=[1, 0])
+        bt = e.add("Transpose", [n.params["lora_B.weight"]], e.temp(s, "lora_B_t"), s, perm=[1, 0])
+        h = e.add("MatMul", [x[0], at], e.temp(s, "lora_down"), s)
+        d = e.add("MatMul", [h, bt], e.temp(s, "lora_up"), s)
+        d = e.add("Mul", [d, e.const(s, "lora_scale", np.array(n.attrs.scale, np.float32))], e.temp(s, "lora_scaled"), s)
+        e.add("Add", [base, d], out, s)
+
+    return emit
 
 
 def _embedding_q(e, n, x, out):
@@ -673,19 +678,6 @@ def _embedding_q(e, n, x, out):
     e.add("Reshape", [w, e.add("Concat", [lead, dim], e.temp(s, "out_shape"), s, axis=0)], out, s)
 
 
-def _lora_linear_q(e, n, x, out):
-    """lora_linear_q (QLoRA): linear_q's emission for the frozen quantized base, plus scale·(x Aᵀ) Bᵀ."""
-    s = n.name
-    base = e.temp(s, "base")
-    _linear_q(e, n, x, base)
-    at = e.add("Transpose", [n.params["lora_A.weight"]], e.temp(s, "lora_A_t"), s, perm=[1, 0])
-    bt = e.add("Transpose", [n.params["lora_B.weight"]], e.temp(s, "lora_B_t"), s, perm=[1, 0])
-    h = e.add("MatMul", [x[0], at], e.temp(s, "lora_down"), s)
-    d = e.add("MatMul", [h, bt], e.temp(s, "lora_up"), s)
-    d = e.add("Mul", [d, e.const(s, "lora_scale", np.array(n.attrs.scale, np.float32))], e.temp(s, "lora_scaled"), s)
-    e.add("Add", [base, d], out, s)
-
-
 def _affine(e, n, x, out):
     """x * scale + shift as Mul and Add of scalar constants (an Identity when both are trivial)."""
     a, s, y = n.attrs, n.name, x[0]
@@ -707,9 +699,9 @@ EMITTERS: dict[str, Emitter] = {
     "erf": _unary("Erf"),
     "pow": lambda e, n, x, out: e.add("Pow", [x[0], e.const(n.name, "exponent", np.array(n.attrs.exponent, np.float32))], out, n.name),
     "affine": _affine,
-    "lora_linear_q": _lora_linear_q,
+    "lora_linear_q": _with_adapters(_linear_q),
     "embedding_q": _embedding_q,
-    "lora_linear": _lora_linear,
+    "lora_linear": _with_adapters(_linear),
     "linear_q": _linear_q,
     "fused_linear": _fused(_linear),
     "fused_conv2d": _fused(_conv2d),

@@ -72,6 +72,18 @@ def dequantize(buffers: dict[str, np.ndarray], fmt: str) -> np.ndarray:
     return w.reshape(w.shape[0], -1)
 
 
+def _pack_weight(weights: dict, w_name: str, new_params: dict[str, str], fmt: str) -> dict[str, float]:
+    """Replace weight `w_name` in `weights` by its packed buffers (named `new_params`); the
+    dequantized weight's error for the report."""
+    w = weights.pop(w_name).detach().float().numpy()
+    buffers = to_graph_layout(qf.pack(w, fmt), fmt)
+    for local, arr in buffers.items():
+        weights[new_params[local]] = torch.from_numpy(np.ascontiguousarray(arr))
+    err = dequantize(buffers, fmt) - w
+    return {"max_abs_error": float(np.abs(err).max()),
+            "rel_rms_error": float(np.sqrt((err ** 2).mean() / max((w ** 2).mean(), 1e-30)))}
+
+
 class Quantize(Pass):
     name = "quantize"
     description = "weight-only block quantization (Q8_0/Q4_0/Q4_1, blocks of 32) of linear layers, rules by name"
@@ -175,13 +187,7 @@ class Quantize(Pass):
         if others:
             entry["tied"] = [u.name for u in others]
         if ctx.weights is not None:
-            w = ctx.weights.pop(w_name).detach().float().numpy()
-            buffers = to_graph_layout(qf.pack(w, fmt), fmt)
-            for local, arr in buffers.items():
-                ctx.weights[new_params[local]] = torch.from_numpy(np.ascontiguousarray(arr))
-            err = dequantize(buffers, fmt) - w
-            entry["max_abs_error"] = float(np.abs(err).max())
-            entry["rel_rms_error"] = float(np.sqrt((err ** 2).mean() / max((w ** 2).mean(), 1e-30)))
+            entry.update(_pack_weight(ctx.weights, w_name, new_params, fmt))
         del graph.params[w_name]
         for u in others:
             la = ops.get("linear_q").Attrs(out_features=rows, in_features=cols, bias=False, format=fmt)
@@ -206,13 +212,7 @@ class Quantize(Pass):
                  "bytes_after": sum(graph.params[new_params[k]].numel * DTYPE_BYTES[graph.params[new_params[k]].dtype]
                                     for k in decl if k != "bias")}
         if ctx.weights is not None:
-            w = ctx.weights.pop(w_name).detach().float().numpy()
-            buffers = to_graph_layout(qf.pack(w, fmt), fmt)
-            for local, arr in buffers.items():
-                ctx.weights[new_params[local]] = torch.from_numpy(np.ascontiguousarray(arr))
-            err = dequantize(buffers, fmt) - w
-            entry["max_abs_error"] = float(np.abs(err).max())
-            entry["rel_rms_error"] = float(np.sqrt((err ** 2).mean() / max((w ** 2).mean(), 1e-30)))
+            entry.update(_pack_weight(ctx.weights, w_name, new_params, fmt))
         del graph.params[w_name]
         self.report.append(entry)
         ctx.note(f"linear quantized to {fmt}")
