@@ -90,6 +90,18 @@ def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
+def _one_reduction(sch):
+    """(blocks, the single reduction block, its statement, its iterators as "S"/"R" letters),
+    or None when the kernel has no reduction or several."""
+    blocks = _blocks(sch)
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    if len(reductions) != 1:
+        return None
+    stmt = sch.get(reductions[0])
+    kinds = "".join("R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in stmt.iter_vars)
+    return blocks, reductions[0], stmt, kinds
+
+
 def _is_cpu(target: Target) -> bool:
     return target.kind.name == "llvm"
 
@@ -143,15 +155,12 @@ class Matmul(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
             return None
         sch = s_tir.Schedule(func)
-        blocks = _blocks(sch)
-        reductions = [b for b in blocks if _is_reduction(sch, b)]
-        if len(reductions) != 1:
+        found = _one_reduction(sch)
+        if found is None:
             return None
-        main = reductions[0]
-        before = blocks[: [sch.get(b) for b in blocks].index(sch.get(main))]
-        stmt = sch.get(main)
+        blocks, main, stmt, kinds = found
         iters = list(stmt.iter_vars)
-        kinds = "".join("R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in iters)
+        before = blocks[: [sch.get(b) for b in blocks].index(stmt)]
         if kinds.count("R") != 1 or not kinds.endswith("R") or len(iters) < 3:
             return None
         if len(stmt.writes) != 1:
@@ -307,14 +316,11 @@ class Conv2d(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
             return None
         sch = s_tir.Schedule(func)
-        blocks = _blocks(sch)
-        reductions = [b for b in blocks if _is_reduction(sch, b)]
-        if len(reductions) != 1:
+        found = _one_reduction(sch)
+        if found is None:
             return None
-        main = reductions[0]
-        stmt = sch.get(main)
+        blocks, main, stmt, kinds = found
         iters = list(stmt.iter_vars)
-        kinds = "".join("R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in iters)
         if kinds != "SSSSRRR" or len(stmt.writes) != 1:
             return None
         nn, ff, yy, xx, rc, ry, rx = (iv.var.name for iv in iters)

@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lbdlc.driver import human_size
+    from lbdlc.memory import human_size
 
     model_args = (f"n_layer={args.layers}", f"d_model={args.d_model}", f"n_head={args.heads}", f"vocab={args.vocab}",
                   f"ctx={args.seq}", "dropout=0.0")

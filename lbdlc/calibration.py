@@ -119,17 +119,3 @@ def samples(loaded, graph: Graph, split: str, count: int, seed: int = 0, loc=Non
 def batches(inputs: dict[str, np.ndarray], size: int = BATCH) -> list[dict[str, np.ndarray]]:
     n = len(next(iter(inputs.values())))
     return [{k: v[i:i + size] for k, v in inputs.items()} for i in range(0, n, size)]
-
-
-class Reader:
-    """onnxruntime.quantization.CalibrationDataReader over fixed batches."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self.feeds = feeds
-        self.rewind()
-
-    def get_next(self):
-        return next(self._it, None)
-
-    def rewind(self):
-        self._it = iter(self.feeds)

@@ -145,7 +145,8 @@ def build(
     adapter_weights: Optional[str] = typer.Option(None, "--adapter-weights", help="With several --adapter and --merge: λ per adapter, comma-separated (default 1 each): W + Σ λ·(α/r)·BA."),
 ) -> None:
     """Compile a spec: model.py, weights.safetensors, model.onnx, a TVM library and manifest.json."""
-    from .driver import BuildOptions, build as run_build, parse_size
+    from .driver import BuildOptions, build as run_build
+    from .memory import parse_size
     from .lower import load
 
     try:

@@ -40,7 +40,7 @@ def list_passes(as_json: bool = typer.Option(False, "--json", help="Print the pa
 
 
 def _human_bytes(n: int) -> str:
-    from .driver import human_size
+    from .memory import human_size
 
     return human_size(n)
 

@@ -35,7 +35,7 @@ def _pct(delta: int, old: int) -> str:
 
 
 def _bytes(n: float) -> str:
-    from .driver import human_size
+    from .memory import human_size
 
     return human_size(n) if n >= 0 else "-" + human_size(-n)
 

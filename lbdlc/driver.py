@@ -17,6 +17,7 @@ from . import __version__
 from .errors import SpecError
 from .ir import Graph
 from .lower import Loaded, load, lower
+from .memory import human_size
 from .weights import initialize, load_checked
 
 BACKENDS = ("pytorch", "onnx", "tvm")
@@ -145,27 +146,6 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4
 # A build holds the weights about three times at its peak: the tensors, the ONNX protobuf,
 # and the serialised safetensors buffer.
 BUILD_COPIES = 3
-
-
-def parse_size(text: str) -> int:
-    """'12GiB', '500MB', '2e9' -> bytes."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    t = text.strip().lower().replace(" ", "")
-    number = t.rstrip("kmgtib")
-    unit = t[len(number):]
-    try:
-        return int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise SpecError(f"'{text}' is not a size", hint="e.g. 24GiB, 500MB or a number of bytes") from None
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def _check_memory(loaded: Loaded, graph: Graph, limit: int | None) -> None:

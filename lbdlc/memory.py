@@ -90,7 +90,7 @@ class MemoryConfig:
 
 
 def parse_size(text: str) -> int:
-    """'24GiB', '500MB', '2e9' -> bytes (as lbdlc.driver.parse_size, without importing torch)."""
+    """'24GiB', '500MB', '2e9' -> bytes."""
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
     t = text.strip().lower().replace(" ", "")
@@ -102,7 +102,7 @@ def parse_size(text: str) -> int:
 
 
 def human_size(n: float) -> str:
-    """Bytes for people: 1.5 GiB (as lbdlc.driver.human_size)."""
+    """Bytes for people: 1.5 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -16,6 +16,19 @@ CODE_BYTES = {"q8_0": 32, "q4_0": 16, "q4_1": 16}
 ZERO_POINT = {"q8_0": 128, "q4_0": 8, "q4_1": 0}
 
 
+def block_buffers(rows: int, row_length: int, fmt: str) -> dict[str, ParamDef]:
+    """The buffers of a block-quantized matrix (linear_q's weight, embedding_q's table): codes
+    [rows, blocks, code bytes], fp16 scales [rows, blocks] and, for q4_1, fp16 minimums."""
+    nb, zero = row_length // BLOCK, Init("zeros")
+    p = {
+        "qweight": ParamDef((rows, nb, CODE_BYTES[fmt]), zero, dtype="uint8", buffer=True),
+        "scale": ParamDef((rows, nb), Init("constant", (("value", 1.0 / 64),)), dtype="float16", buffer=True),
+    }
+    if fmt == "q4_1":
+        p["min"] = ParamDef((rows, nb), zero, dtype="float16", buffer=True)
+    return p
+
+
 @register
 class LinearQ(Op):
     """y = x W̄^T + b with W̄ dequantized from blocks of 32 weights along each row:
@@ -47,14 +60,7 @@ class LinearQ(Op):
         return [TensorType(ins[0].shape[:-1] + (a.out_features,), ins[0].dtype)]
 
     def params(self, a, ins):
-        nb = a.in_features // BLOCK
-        zero = Init("zeros")
-        p = {
-            "qweight": ParamDef((a.out_features, nb, CODE_BYTES[a.format]), zero, dtype="uint8", buffer=True),
-            "scale": ParamDef((a.out_features, nb), Init("constant", (("value", 1.0 / 64),)), dtype="float16", buffer=True),
-        }
-        if a.format == "q4_1":
-            p["min"] = ParamDef((a.out_features, nb), zero, dtype="float16", buffer=True)
+        p = block_buffers(a.out_features, a.in_features, a.format)
         if a.bias:
             p["bias"] = ParamDef((a.out_features,), uniform_fan_in(a.in_features))
         return p
@@ -88,15 +94,7 @@ class EmbeddingQ(Op):
         return [TensorType(ins[0].shape + (a.embedding_dim,), "float32")]
 
     def params(self, a, ins):
-        nb = a.embedding_dim // BLOCK
-        zero = Init("zeros")
-        p = {
-            "qweight": ParamDef((a.num_embeddings, nb, CODE_BYTES[a.format]), zero, dtype="uint8", buffer=True),
-            "scale": ParamDef((a.num_embeddings, nb), Init("constant", (("value", 1.0 / 64),)), dtype="float16", buffer=True),
-        }
-        if a.format == "q4_1":
-            p["min"] = ParamDef((a.num_embeddings, nb), zero, dtype="float16", buffer=True)
-        return p
+        return block_buffers(a.num_embeddings, a.embedding_dim, a.format)
 
     def flops(self, a, ins, outs):
         return numel(outs[0].shape) * 2  # dequantize the gathered rows: a multiply and an add per value
