@@ -369,6 +369,13 @@ for _op in ("add", "concat", "reshape", "flatten", "transpose", "permute", "sele
             "global_avg_pool2d", "upsample", "position_embedding", "sinusoidal_position", "cls_token",
             "argmax", "timestep_embedding"):
     SAVES[_op] = _nothing
+# Arithmetic primitives (tests/specs/primitive_ops.yaml): what their backward formulas read.
+SAVES.update({
+    "sub": _nothing, "affine": _nothing,  # scalar scale and shift: nothing kept
+    "div": _inputs(0, 1), "pow": _inputs(0), "erf": _inputs(0),
+    "sqrt": _output, "rsqrt": _output,
+    "embedding_q": _nothing,  # frozen packed buffers: no gradient
+})
 # QLoRA (lora_linear_q): LoRA's adapter path, and the dequantized base weight as linear_q keeps it.
 SAVES["lora_linear_q"] = lambda c: _lora_linear(c) + [("new", "weight", c.node.attrs.in_features * c.node.attrs.out_features, 4)]
 
