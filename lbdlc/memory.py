@@ -395,18 +395,17 @@ def _cached_pre_activation(c):  # the product before the activation (a separate 
 
 CACHED: dict[str, Callable] = {
     "linear": _output, "conv1d": _output, "conv2d": _output, "conv_transpose1d": _output, "conv_transpose2d": _output,
-    "matmul": _output, "lora_linear": _output, "linear_q": _output, "graph_conv": _output,
+    "matmul": _output, "lora_linear": _output, "linear_q": _output, "lora_linear_q": _output, "graph_conv": _output,
     "fused_linear": _cached_pre_activation, "fused_conv2d": _cached_pre_activation,
     "attention": _cached_attention, "scaled_dot_product_attention": lambda c: [("out", 0), ("new", "logsumexp", c.n_out() // c.node.outputs[0].type.shape[-1], 4)],
 }
-CACHED["lora_linear_q"] = _output
 
 # Outputs that alias their input's storage (views), and ops that autocast runs in 16 bits / float32.
 VIEWS = {"reshape", "flatten", "transpose", "permute", "select", "slice", "split"}
 NON_CONTIGUOUS = {"transpose", "permute"}
 HALF_OPS = {"linear", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "fused_linear", "fused_conv2d",
-            "matmul", "attention", "scaled_dot_product_attention", "lora_linear", "linear_q", "graph_conv", "rnn", "lstm", "gru"}
-HALF_OPS.add("lora_linear_q")
+            "matmul", "attention", "scaled_dot_product_attention", "lora_linear", "linear_q", "lora_linear_q", "graph_conv",
+            "rnn", "lstm", "gru"}
 # Ops whose output is float32 under autocast: CUDA's float32 list, and (both devices) ops
 # whose output comes from float32 parameters; on the CPU other ops keep their input's width.
 FLOAT32_OPS = {"layer_norm", "group_norm", "rms_norm", "softmax", "log_softmax", "softplus", "l2_normalize"}
