@@ -371,6 +371,10 @@ class Conv2d(ScheduleRule):
         xo, xi = sch.split(l_x, factors=[None, wr])
         sch.reorder(l_n, fo, l_y, xo, l_c, l_ky, l_kx, xi, fi)
         acc = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
+        # The tile accumulates with output channels innermost, the vector axis: in the output's
+        # own layout (pixels innermost) each vector update is a gather and scatter of scalars,
+        # which LLVM cannot keep in registers (4x slower).
+        sch.transform_layout(main, ("write", 0), lambda n, f, y, x: (n, f // nr, y, x, f % nr))
         if epilogue is not None:
             try:
                 sch.reverse_compute_inline(epilogue)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import struct
 import sys
@@ -78,6 +79,36 @@ def machine_arch() -> str:
     return ARCH_ALIASES.get(arch, arch)
 
 
+def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None) -> int:
+    """Physical cores this process may run on: distinct (package, core) pairs of its allowed
+    CPUs in /proc/cpuinfo (Linux), else the number of allowed logical CPUs."""
+    if allowed is None:
+        try:
+            allowed = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return len(allowed)
+    cores = set()
+    for block in cpuinfo.split("\n\n"):
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+        if fields.get("processor", "").isdigit() and int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id"), fields.get("core id", fields["processor"])))
+    return len(cores) or len(allowed)
+
+
+def use_all_cores() -> None:
+    """TVM's CPU thread pool: one worker per physical core, as ONNX Runtime's default. Left to
+    itself TVM takes half the logical CPUs on x86 (it assumes two hyper-threads per core), so
+    on a 2-vCPU VM or a container without hyper-threading it ran on 1 core of 2. Read when the
+    pool starts (the first parallel kernel); TVM_NUM_THREADS or OMP_NUM_THREADS, if set, win."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+
+
 def cuda_devices() -> int:
     """NVIDIA GPUs the driver sees here (0 without a driver), asked of libcuda directly so that
     neither runtime gets to try, fail and fall back first."""
@@ -106,6 +137,7 @@ class TVMSession:
     runtime = "tvm"
 
     def __init__(self, bundle: Path, manifest: dict):
+        use_all_cores()
         try:
             import tvm
             from tvm.runtime import vm as tvm_vm

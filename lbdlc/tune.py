@@ -126,6 +126,9 @@ def tune(mod, target, target_name: str, trials: int, build: Path, log=None) -> t
     from tvm import relax
 
     require_meta_schedule()
+    from .bundle_runtime import use_all_cores
+
+    use_all_cores()  # candidates are measured on as many cores as the deployed library runs on
     with fast_inspect_stack():  # TVMScript-parses every tensor intrinsic; MetaSchedule imports it
         import tvm.s_tir.tensor_intrin
     key = module_key(mod, target)

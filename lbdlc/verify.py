@@ -68,6 +68,9 @@ def run_onnx(out_dir: Path, inputs: dict[str, np.ndarray], providers=("CPUExecut
 
 
 def run_tvm(out_dir: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from .bundle_runtime import use_all_cores
+
+    use_all_cores()
     import tvm
     from safetensors.numpy import load_file
     from tvm import relax
