@@ -450,6 +450,18 @@ def rules() -> list[ScheduleRule]:
     return [Guarded(r) for r in (Small(), Matmul(), Conv2d(), dl.cpu.Reduction(), Elementwise())]
 
 
+def default_schedule(func, target):
+    """The schedule the first applicable rule gives one PrimFunc (None: TVM's loops), as
+    ApplyDefaultSchedule would; `lbdlc build --tune` measures it as a tuning candidate."""
+    target = target if isinstance(target, Target) else Target(target)
+    with target:
+        for rule in rules():
+            sch = rule.apply(func, target, False)
+            if sch is not None:
+                return sch
+    return None
+
+
 def schedule_cpu(mod, target):
     """Every PrimFunc of a fused module that a rule applies to, scheduled (CPU targets only)."""
     from tvm.s_tir import dlight as dl

@@ -256,22 +256,24 @@ def compile_for(graph, target: DeployTarget, dims: dict[str, int], tune: int | N
 
     tvm_target = target.tvm_target()
     mod = relax_module(graph, target, dims)
-    cpu_default = not tune and not target.gpu  # lbdlc's default CPU schedules (backends/tvm_schedule.py)
+    # lbdlc's default CPU schedules (backends/tvm_schedule.py); with --tune they are the first
+    # candidates the tuner measures, and schedule what it leaves.
+    cpu_default = not target.gpu
     if cpu_default:
         from .backends.tvm_schedule import cpu_legalize
 
         mod = cpu_legalize(mod)
     with tvm_target:
         mod = relax.get_pipeline("zero")(mod)
-    if cpu_default:
-        from .backends.tvm_schedule import schedule_cpu
-
-        mod = schedule_cpu(mod, tvm_target)
     tuned = None
     if tune:
         from .tune import tune as run_tuning
 
         mod, tuned = run_tuning(mod, tvm_target, target.name, tune, build, log)
+    if cpu_default:
+        from .backends.tvm_schedule import schedule_cpu
+
+        mod = schedule_cpu(mod, tvm_target)  # the functions not already scheduled
     if target.gpu:
         from tvm.s_tir import dlight as dl
 

@@ -150,6 +150,10 @@ def tune(mod, target, target_name: str, trials: int, build: Path, log=None) -> t
             # a budget of tens of trials per task, the default spent most of the time searching.
             strategy = ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=32, genetic_num_iters=2)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(work), strategy=strategy, seed=0)
+            database = ms.database.JSONDatabase(work_dir=str(work))
+            runner = ms.runner.LocalRunner()
+            seeded = seed_default_schedules(tasks, target, database, runner)
+            (log or _stderr)(f"lbdlc's default schedules measured as the first candidates of {seeded} tasks")
             import logging
 
             console = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -159,6 +163,7 @@ def tune(mod, target, target_name: str, trials: int, build: Path, log=None) -> t
                 ms.tune.tune_tasks(
                     tasks=contexts, task_weights=weights, work_dir=str(work), max_trials_global=trials,
                     max_trials_per_task=per_task, num_trials_per_iter=max(4, -(-per_task // 2)), builder=in_process_builder(),
+                    runner=runner, database=database,
                 )
             finally:
                 console.setLevel(level)
@@ -180,6 +185,44 @@ def tune(mod, target, target_name: str, trials: int, build: Path, log=None) -> t
     with target, database:
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod, Tuned(key, rel, int(meta["trials"]), len(tasks), reused, seconds)
+
+
+def seed_default_schedules(tasks: list, target, database, runner) -> int:
+    """Each task's lbdlc default schedule (backends/tvm_schedule.py), built and measured by the
+    tuner's own runner and committed to the database as a tuning record. MetaSchedule applies
+    the fastest record of each task, so a tuned library is never slower than the untuned one
+    on any kernel (up to measurement noise), and its search starts from these schedules
+    (the evolutionary search seeds its population from the database). Returns the number of
+    tasks seeded."""
+    import tvm.s_tir.meta_schedule as ms
+
+    from .backends.tvm_schedule import default_schedule
+
+    candidates = []
+    for task in tasks:
+        workload_mod = task.dispatched[0]
+        sch = default_schedule(workload_mod["main"], target)
+        if sch is not None and len(sch.trace.insts):
+            candidates.append((workload_mod, sch))
+    if not candidates:
+        return 0
+    builds = in_process_builder().build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
+    inputs, kept = [], []
+    for (workload_mod, sch), built in zip(candidates, builds):
+        if built.error_msg is None:
+            inputs.append(ms.runner.RunnerInput(built.artifact_path, "cpu" if target.kind.name == "llvm" else target.kind.name,
+                                                ms.arg_info.ArgInfo.from_prim_func(workload_mod["main"])))
+            kept.append((workload_mod, sch))
+    seeded = 0
+    for (workload_mod, sch), future in zip(kept, runner.run(inputs)):
+        result = future.result()
+        if result.error_msg is None:
+            workload = database.commit_workload(workload_mod)
+            database.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, workload, [float(t) for t in result.run_secs], target,
+                ms.arg_info.ArgInfo.from_prim_func(workload_mod["main"])))
+            seeded += 1
+    return seeded
 
 
 def tunable_tasks(tasks: list) -> list:

@@ -87,6 +87,15 @@ def test_second_build_reuses_the_database(tuned):
     assert len(records) >= tuning["tasks"]  # at least one measured schedule per task
     meta = json.loads((database / "meta.json").read_text())
     assert f"tuning cpu: {TRIALS} trials over {tuning['tasks']} tasks in" in stdout
+    # lbdlc's default schedules were measured first: a record for every task they schedule,
+    # the first of its workload, so MetaSchedule's choice is never slower than the default
+    seeded = int(stdout.split("default schedules measured as the first candidates of ")[1].split()[0])
+    assert seeded >= tuning["tasks"] - 1
+    first = {}
+    for line in records:
+        workload, (trace, run_secs, *_) = json.loads(line)
+        first.setdefault(workload, (len(trace[0]), run_secs))
+    assert sum(1 for insts, secs in first.values() if insts > 0 and secs) >= seeded
     library = (out / "deploy" / "cpu" / "model.tvm.so").read_bytes()
     bundle_manifest = json.loads((out / "deploy" / "cpu" / "manifest.json").read_text())
     assert bundle_manifest["model"]["inputs"][0]["shape"] == [1, 1, 28, 28]  # tuned: batch fixed at 1
