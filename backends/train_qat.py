@@ -12,6 +12,9 @@
   the optimizer, checkpoints, `--resume` and DDP are as without QAT.
 train.py saves the fp32 weights; `lbdlc build --weights` quantizes them with the same formats,
 so the deployed model computes exactly what training saw.
+
+QAT for ONNX Runtime's static int8 (int8 weights and learned uint8 activation ranges) is
+backends/train_qat_int8.py; `patch` applies it too.
 """
 from __future__ import annotations
 
@@ -85,6 +88,9 @@ def simulate_quantization(model: nn.Module) -> None:
 
 
 def patch(text: str, plan) -> str:
+    from . import train_qat_int8  # `quantize: {default: int8, method: static, qat: true}`
+
+    text = train_qat_int8.patch(text, plan)
     if not getattr(plan, "qat", None):
         return text
     for anchor in (DEFINE_BEFORE, PREPARE_AFTER):

@@ -196,6 +196,9 @@ def _write_artifacts(loaded: Loaded, optimized, tmp: Path, options: BuildOptions
             from .quant_qat import qat_layers  # `quantize: {qat: true}`: train.py trains fake-quantized
 
             protocol.qat, protocol.qat_line = qat_layers(loaded, graph)
+            from .quant_qat import qat_int8_layers  # int8 static: int8 weights, learned uint8 activation ranges
+
+            protocol.qat_int8 = qat_int8_layers(loaded, graph)
             from .backends.train_fsdp import refuse_unsupported  # `distributed: {strategy: fsdp}`
 
             refuse_unsupported(loaded, protocol)

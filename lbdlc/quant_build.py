@@ -24,6 +24,11 @@ def after_artifacts(loaded, graph, weights, optimized, tmp: Path, artifacts: lis
     if plan is None and quantized is None:
         return artifacts, out
     backends = set(options.backends)
+    if plan is not None and backends == {"pytorch"} and getattr(loaded.spec, "train", None) is not None:
+        plan = None  # `lbdlc train`'s build: model.py and train.py are fp32 (`qat:` simulates int8 in train.py)
+    from .quant_qat import with_ranges  # qat: the activation ranges train.py learned, beside --weights
+
+    plan = with_ranges(loaded, plan, options.weights)
     if plan is not None:
         if "onnx" not in backends:
             raise SpecError("int8 quantization (dynamic or static) quantizes the ONNX artifact, and this build has no ONNX backend",

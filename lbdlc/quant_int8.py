@@ -16,6 +16,10 @@ every projection's weight is an
 initializer the quantizer can see (a Transpose node in front of it would make ORT quantize it
 at run time as an activation, and leave the fp32 weight in the file).
 
+With `qat: true` (static only), train.py learned the activation ranges
+(backends/train_qat_int8.py) and saved them beside its weights: `quantize_model` hands them to
+ORT as TensorQuantOverrides instead of the calibrated ones (lbdlc/quant_qat.py with_ranges).
+
 The other backends: model.py stays fp32 (train.py trains it). The TVM library has no int8
 kernels here; it runs the same graph on the int8 weights ORT stores, dequantized to fp32
 (weights.inference.safetensors), with fp32 activations: its outputs carry the weight
@@ -60,6 +64,9 @@ class Int8Plan:
     sizes: dict = field(default_factory=dict)  # synthetic calibration: symbolic dims
     exclude: list[str] = field(default_factory=list)  # layer names kept fp32 (rules: none, or block formats)
     loc: object = None  # the spec's quantize: section, for warnings
+    qat_ranges: dict | None = None  # qat: the activation ranges train.py learned (lbdlc/quant_qat.py with_ranges)
+    qat_from: str | None = None  # the qat_ranges.json they came from
+    qat_applied: dict | None = None  # ONNX tensor -> range key, filled by quantize_model
 
     def to_json(self) -> dict:
         out = {"method": self.method, "per_channel": self.per_channel, "reduce_range": self.reduce_range,
@@ -299,6 +306,15 @@ def quantize_model(fp32_path: Path, out_path: Path, plan: Int8Plan, calibration:
 
     model = onnx.load(str(fp32_path))
     exclude = [n.name for n in model.graph.node if any(n.name.startswith(layer + "/") for layer in plan.exclude)]
+    extra = {}
+    if plan.qat_ranges is not None:  # qat: the ranges training learned replace the calibrated ones
+        from .quant_qat import range_overrides
+
+        plan.qat_applied = range_overrides(model, plan.qat_ranges)
+        ranges = plan.qat_ranges["tensors"]
+        extra["TensorQuantOverrides"] = {t: [{"rmin": np.array(ranges[k]["rmin"], np.float32),
+                                              "rmax": np.array(ranges[k]["rmax"], np.float32)}]
+                                         for t, k in plan.qat_applied.items()}
     wtype = QuantType.QInt8 if plan.weights == "int8" else QuantType.QUInt8
     import logging
 
@@ -325,7 +341,8 @@ def quantize_model(fp32_path: Path, out_path: Path, plan: Int8Plan, calibration:
                                         per_channel=plan.per_channel, reduce_range=plan.reduce_range,
                                         activation_type=QuantType.QUInt8, weight_type=wtype, nodes_to_exclude=exclude,
                                         op_types_to_quantize=STATIC_OPS,
-                                        calibrate_method=method, calibration_providers=["CPUExecutionProvider"])
+                                        calibrate_method=method, calibration_providers=["CPUExecutionProvider"],
+                                        extra_options=extra)
                 finally:
                     os.chdir(cwd)
     finally:
@@ -448,6 +465,21 @@ def apply(loaded, graph, optimized, tmp: Path, artifacts: list[Path], plan: Int8
         save_file(tensors, str(out), metadata={"format": "pt"})
         if out not in artifacts:
             artifacts = artifacts + [out]
+    if getattr(getattr(loaded.spec, "quantize", None), "qat", False) and plan.method == "static":
+        report["backends"]["pytorch"] = "fp32 model.py; train.py trains it with int8 fake quantization (qat)"
+    if plan.qat_ranges is not None:  # qat: which activations use the trained ranges
+        from .quant_qat import QAT_RANGES
+
+        quantized_acts = {n.input[1][: -len("_scale")] for n in quantized.graph.node
+                          if n.op_type == "QuantizeLinear" and n.input[1].endswith("_scale")}
+        calibrated = sorted(quantized_acts - set(plan.qat_applied or {}))
+        report["qat"] = {"ranges_from": plan.qat_from, "trained": sorted(plan.qat_applied or {}), "calibrated": calibrated}
+        if calibrated:
+            loaded.warnings.append(SpecError(
+                f"qat: {len(calibrated)} activation(s) ONNX Runtime quantizes have no range from training "
+                f"({', '.join(calibrated[:4])}{' ...' if len(calibrated) > 4 else ''}): calibrated instead", plan.loc,
+                hint=f"the {QAT_RANGES} beside the weights comes from another model, or passes renamed these layers",
+                severity="warning"))
     for b in ("tvm", "pytorch"):
         if b not in backends:
             report["backends"].pop(b)

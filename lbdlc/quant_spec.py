@@ -85,7 +85,9 @@ class QuantizeSpec(_Strict):
     reduce_range: bool = True
     weights: Literal["int8", "uint8"] = "int8"
     # Quantization-aware training: train.py trains the layers this section quantizes with
-    # fake-quantized weights (backends/train_qat.py); weight-only block formats only.
+    # fake-quantized weights (block formats: backends/train_qat.py), or for int8 static with
+    # int8 weights and uint8 activations whose learned ranges the build uses
+    # (backends/train_qat_int8.py); an error with int8 dynamic (lbdlc/quant_qat.py).
     qat: bool = False
 
     @property

@@ -69,6 +69,7 @@ class Plan:
     finetune: object = None  # lbdlc/finetune.py's TrainFinetune: train.py freezes the rest, saves the LoRA adapters
     qat: dict = field(default_factory=dict)  # layer -> block format trained fake-quantized (backends/train_qat.py)
     qat_line: int | None = None  # of `qat:` in the spec
+    qat_int8: dict | None = None  # int8 static qat: layers, activations, weight options (backends/train_qat_int8.py)
 
     def line(self, *path) -> int | None:
         return self.lines.get(".".join(map(str, path)))
