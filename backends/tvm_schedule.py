@@ -20,11 +20,15 @@ schedule from its shape alone, the way dlight does for GPUs, without measuring a
 - `Elementwise` (any remaining kernel of injective blocks): producers inlined, the loops of
   the output fused, vectorized and split over the cores.
 
-Before TVM's legalization (`cpu_legalize`), two lowering choices make kernels these rules
+Before TVM's legalization (`cpu_legalize`), three lowering choices make kernels these rules
 take: `matmul(x, permute_dims(w))` (what R.linear is) becomes one `dense` kernel reading the
-weight as stored (no transposed copy of every weight on every call), and R.nn.attention
-becomes four kernels (k transposed, scores with their scale and causal mask, softmax, the
-weighted sum) instead of TVM's single kernel of eighteen loop nests.
+weight as stored (no transposed copy of every weight on every call); a weight of `main` that
+a dense kernel or a convolution reads is packed into the register tile's panels by a kernel
+of its own, which LiftTransformParams moves into `main_transform_params`: the runtime calls
+it once when it loads the weights (lbdlc.bundle_runtime.tvm_parameters), as ONNX Runtime
+pre-packs at session creation, instead of re-packing every weight on every call; and
+R.nn.attention becomes four kernels (k transposed, scores with their scale and causal mask,
+softmax, the weighted sum) instead of TVM's single kernel of eighteen loop nests.
 
 Every rule returns None where it does not apply (the kernel keeps TVM's naive loops; a rule
 that fails on an unforeseen kernel is treated so too, see `Guarded`). Schedule primitives
@@ -309,9 +313,6 @@ class Conv2d(ScheduleRule):
     """out[n, f, y, x] = sum_{c, ky, kx} pad(data)[n, c, y*s + ky*d, x*s + kx*d] * w[f, c, ky, kx],
     then an elementwise tail (bias, residual, activation)."""
 
-    def __init__(self, nr: int = 16):
-        self.nr = nr
-
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
             return None
@@ -331,7 +332,9 @@ class Conv2d(ScheduleRule):
         if len(operands) != 2:
             return None
         uses = [_region_vars(r) for r in operands]
-        w_i = [i for i, u in enumerate(uses) if u == [{ff}, {rc}, {ry}, {rx}]]
+        # The weight as stored [O, I, KH, KW], or packed before the call [O / nr, I, KH, KW, nr]
+        # (pack_weights: once, in main_transform_params).
+        w_i = [i for i, u in enumerate(uses) if u in ([{ff}, {rc}, {ry}, {rx}], [{ff}, {rc}, {ry}, {rx}, {ff}])]
         d_i = [i for i, u in enumerate(uses) if u[:2] == [{nn}, {rc}] and len(u) == 4 and u[2] <= {yy, ry} and u[3] <= {xx, rx}]
         if len(w_i) != 1 or len(d_i) != 1:
             return None
@@ -339,10 +342,13 @@ class Conv2d(ScheduleRule):
         w_shape = [get_static(d) for d in weight.source.shape]
         if not all(isinstance(d, int) for d in w_shape):
             return None
-        channels = w_shape[0]
-        nr = _pick(channels, [self.nr, LANES], None)
-        if nr is None:
+        prepacked = len(w_shape) == 5
+        channels = w_shape[0] * w_shape[4] if prepacked else w_shape[0]
+        width = get_static(out.source.shape[3])
+        tile = conv_tile(channels, width)
+        if tile is None or (prepacked and tile[0] != w_shape[4]):
             return None
+        nr, wr = tile
         # The padded input: an identity copy is inlined, real padding stays a (parallel) pass.
         producers = blocks[: [sch.get(b) for b in blocks].index(stmt)]
         for b in producers:
@@ -358,14 +364,11 @@ class Conv2d(ScheduleRule):
         work = _static_work([get_static(iv.dom.extent) for iv in iters])
         if work < SMALL_WORK:
             return None
-        width = get_static(out.source.shape[3])
-        wr = _pick(width, [4, 7, 6, 5, 3, 2], 4) if isinstance(width, int) else 4
-        if wr > 4 and nr > LANES:
-            nr = LANES  # keep wr x nr / LANES accumulators within the 16 vector registers
-        w_index = next(i for i, r in enumerate(stmt.reads) if r.source.same_as(weight.source))
-        packed = sch.cache_read(main, w_index, "global")
-        sch.transform_layout(packed, ("write", 0), lambda f, c, h, w: (f // nr, c, h, w, f % nr))
-        _pack_loops(sch, packed, nr, parallel=work >= PARALLEL_WORK)
+        if not prepacked:  # packed here, on every call
+            w_index = next(i for i, r in enumerate(stmt.reads) if r.source.same_as(weight.source))
+            packed = sch.cache_read(main, w_index, "global")
+            sch.transform_layout(packed, ("write", 0), lambda f, c, h, w: (f // nr, c, h, w, f % nr))
+            _pack_loops(sch, packed, nr, parallel=work >= PARALLEL_WORK)
         l_n, l_f, l_y, l_x, l_c, l_ky, l_kx = sch.get_loops(main)
         fo, fi = sch.split(l_f, factors=[None, nr])
         xo, xi = sch.split(l_x, factors=[None, wr])
@@ -390,6 +393,18 @@ class Conv2d(ScheduleRule):
         sch.vectorize(fi)
         sch.decompose_reduction(main, l_c)
         return sch
+
+
+def conv_tile(channels, width) -> tuple[int, int] | None:
+    """(nr output channels: the vector axis, wr output pixels of a row: the unrolled rows) of
+    the Conv2d rule's register tile; None when the channels are no multiple of a vector."""
+    nr = _pick(channels, [16, LANES], None)
+    if nr is None:
+        return None
+    wr = _pick(width, [4, 7, 6, 5, 3, 2], 4) if isinstance(width, int) else 4
+    if wr > 4 and nr > LANES:
+        nr = LANES  # keep wr x nr / LANES accumulators within the 16 vector registers
+    return nr, wr
 
 
 class Elementwise(ScheduleRule):
@@ -512,6 +527,60 @@ def legalize_attention(bb, call):
     return bb.call_te(weighted, p, v, primfunc_name_hint="attention_weighted")
 
 
+def dense_panel(n) -> int:
+    """The Matmul rule's panel width (its nr) for n output columns."""
+    nr = _pick(n, [16, LANES], 16)
+    return min(nr, n) if isinstance(n, int) else nr
+
+
+def _pack_dense_te(w, nr: int):
+    """w [n, k] -> panels [ceil(n / nr), k, nr], the last one zero-filled."""
+    from tvm import te
+
+    n, k = (int(d) for d in w.shape)
+    return te.compute(((n + nr - 1) // nr, k, nr), lambda p, kk, j: tirx.if_then_else(
+        p * nr + j < n, w[tirx.min(p * nr + j, n - 1), kk], tirx.const(0, w.dtype)), name="dense_panels")
+
+
+def _dense_packed_te(x, panels, n: int):
+    """y[..., p, j] = sum_k x[..., k] * panels[p, k, j], then the columns in order (p * nr + j < n):
+    an einsum with a panel axis, which the Matmul rule tiles (and pads) like any batched matmul."""
+    from tvm import te
+
+    count, depth, nr = (int(d) for d in panels.shape)
+    k = te.reduce_axis((0, depth), name="k")
+    y = te.compute((*x.shape[:-1], count, nr), lambda *i: te.sum(x[(*i[:-2], k)] * panels[i[-2], k, i[-1]], axis=k), name="dense")
+    return te.compute((*x.shape[:-1], n), lambda *i: y[(*i[:-1], i[-1] // nr, i[-1] % nr)], name="dense_columns")
+
+
+def _pack_conv_te(w, nr: int):
+    """w [O, I, KH, KW] -> [O / nr, I, KH, KW, nr]: the Conv2d rule's layout."""
+    from tvm import te
+
+    o, i, kh, kw = (int(d) for d in w.shape)
+    return te.compute((o // nr, i, kh, kw, nr), lambda p, c, y, x, j: w[p * nr + j, c, y, x], name="conv_panels")
+
+
+def _conv2d_packed_te(data, panels, strides, padding, dilation):
+    """NCHW convolution (groups 1) over a weight packed by _pack_conv_te: TOPI's conv2d_nchw
+    reading the packed layout."""
+    from tvm import te, topi
+
+    top, left, bottom, right = padding
+    sh, sw = strides
+    dh, dw = dilation
+    nr = int(panels.shape[4])
+    channels, kh, kw = int(panels.shape[0]) * nr, int(panels.shape[2]), int(panels.shape[3])
+    n, c, h, w = data.shape
+    padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp") if any(padding) else data
+    out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    rc, ry, rx = te.reduce_axis((0, c), name="rc"), te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
+    return te.compute((n, channels, out_h, out_w), lambda b, f, y, x: te.sum(
+        padded[b, rc, y * sh + ry * dh, x * sw + rx * dw] * panels[f // nr, rc, ry, rx, f % nr], axis=[rc, ry, rx]),
+        name="conv2d_nchw")
+
+
 def _dense_te(x, w):
     """y[..., n] = sum_k x[..., k] * w[n, k]: a linear layer reading its weight as stored."""
     from tvm import te
@@ -520,29 +589,46 @@ def _dense_te(x, w):
     return te.compute((*x.shape[:-1], w.shape[0]), lambda *i: te.sum(x[(*i[:-1], k)] * w[i[-1], k], axis=k), name="dense")
 
 
-def _dense_rewriter():
+def _cpu_rewriter():
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    matmul, permute = tvm_op("relax.matmul"), tvm_op("relax.permute_dims")
+    matmul, permute, conv2d = tvm_op("relax.matmul"), tvm_op("relax.permute_dims"), tvm_op("relax.nn.conv2d")
 
     @mutator
-    class DenseRewriter(PyExprMutator):
-        """matmul(x, permute_dims(w)) with a 2-D w (what R.linear is) -> one `dense` kernel that
-        reads w in place: no transposed copy of every weight on every call."""
+    class CpuRewriter(PyExprMutator):
+        """Linear layers and convolutions as the kernels the CPU rules schedule best.
+
+        - matmul(x, permute_dims(w)) with a 2-D w (what R.linear is) -> one `dense` kernel that
+          reads w in place: no transposed copy of every weight on every call;
+        - when w is a parameter of `main` (a weight, not an activation), the dense kernel and an
+          NCHW convolution (groups 1) read it packed in the register tile's panels, packed by a
+          kernel of its own that depends on the weight alone: LiftTransformParams moves it to
+          `main_transform_params`, which the runtime calls once when it loads the weights
+          (ONNX Runtime pre-packs at session creation the same way). Packing on every call cost
+          a read and a write of every weight per inference.
+        """
 
         def __init__(self, mod):
             super().__init__(mod)
             self.mod_ = mod
+            self.weights: list = []
 
         def transform(self):
             for gv, func in self.mod_.functions_items():
                 if isinstance(func, relax.Function):
+                    inputs = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else len(func.params)
+                    self.weights = list(func.params[inputs:])
                     self.builder_.update_func(gv, self.visit_expr(func))
             return self.builder_.get()
 
+        def is_weight(self, expr) -> bool:
+            return isinstance(expr, relax.Var) and any(expr.same_as(w) for w in self.weights)
+
         def visit_call_(self, call):
             call = super().visit_call_(call)
+            if call.op.same_as(conv2d):
+                return self.conv2d(call)
             if not call.op.same_as(matmul) or not isinstance(call.args[1], relax.Var):
                 return call
             bound = self.lookup_binding(call.args[1])
@@ -558,9 +644,29 @@ def _dense_rewriter():
                 # an input length like `seq + 1` (after a class token): FuseTIR cannot map the
                 # call_te kernel's parameters onto it (InternalError), so TVM's matmul stays
                 return call
+            if self.is_weight(w) and all(isinstance(d, tirx.IntImm) for d in w.ty.shape):
+                n = int(w.ty.shape[0])
+                panels = self.builder_.emit(self.builder_.call_te(_pack_dense_te, w, dense_panel(n), primfunc_name_hint="pack_dense"))
+                return self.builder_.call_te(_dense_packed_te, x, panels, n, primfunc_name_hint="dense")
             return self.builder_.call_te(_dense_te, x, w, primfunc_name_hint="dense")
 
-    return DenseRewriter
+        def conv2d(self, call):
+            x, w = call.args
+            a = call.attrs
+            if not self.is_weight(w) or int(a.groups) != 1 or a.data_layout != "NCHW" or a.kernel_layout != "OIHW" \
+                    or a.out_layout != "NCHW" or not all(isinstance(d, tirx.IntImm) for d in w.ty.shape) \
+                    or len({x.ty.dtype, w.ty.dtype, call.ty.dtype}) != 1:
+                return call
+            width = call.ty.shape[3]
+            tile = conv_tile(int(w.ty.shape[0]), int(width) if isinstance(width, tirx.IntImm) else width)
+            if tile is None:
+                return call
+            panels = self.builder_.emit(self.builder_.call_te(_pack_conv_te, w, tile[0], primfunc_name_hint="pack_conv2d"))
+            return self.builder_.call_te(
+                _conv2d_packed_te, x, panels, [int(v) for v in a.strides], [int(v) for v in a.padding],
+                [int(v) for v in a.dilation], primfunc_name_hint="conv2d")
+
+    return CpuRewriter
 
 
 def tvm_op(name: str):
@@ -574,5 +680,6 @@ def cpu_legalize(mod):
     over the weight as stored, attention as four scheduled kernels."""
     from tvm import relax
 
-    mod = relax.transform.DeadCodeElimination()(_dense_rewriter()(mod).transform())
-    return relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.attention": legalize_attention})(mod)
+    mod = relax.transform.DeadCodeElimination()(_cpu_rewriter()(mod).transform())
+    mod = relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.attention": legalize_attention})(mod)
+    return relax.transform.LiftTransformParams()(mod)

@@ -434,6 +434,10 @@ def readme(manifest: dict) -> str:
         if "onnx" in r:
             notes.append("ONNX Runtime runs with CUDAExecutionProvider; run.py stops with an error if it did not load "
                          "(ONNX Runtime would otherwise fall back to the CPU silently).")
+    if "tvm" in r and t["device"] != "cuda":
+        notes.append("Calling the TVM library without run.py: `packed = vm[\"main_transform_params\"](weights)` once, with the "
+                     "weights in the manifest's `parameter_order` (it packs them for the CPU kernels), then "
+                     "`vm[\"main\"](*inputs, *packed)` for each run.")
     if t["precision"] == "fp16":
         notes.append("fp16: weights and compute in half precision, inputs and outputs in fp32, accumulation in fp32.")
     if "tvm" in r and r["tvm"].get("tuning"):

@@ -109,6 +109,21 @@ def use_all_cores() -> None:
         os.environ["TVM_NUM_THREADS"] = str(physical_cores())
 
 
+TRANSFORM_PARAMS = "main_transform_params"
+
+
+def tvm_parameters(vm, params: list) -> list:
+    """The weights as the library's `main` reads them. A CPU library packs its weights into
+    its kernels' layouts in `main_transform_params` (TVM's LiftTransformParams), run once here
+    when the weights are loaded instead of on every call; a library without it (GPU targets)
+    reads them as stored."""
+    try:
+        transform = vm[TRANSFORM_PARAMS]
+    except AttributeError:
+        return params
+    return list(transform(params))
+
+
 def cuda_devices() -> int:
     """NVIDIA GPUs the driver sees here (0 without a driver), asked of libcuda directly so that
     neither runtime gets to try, fail and fall back first."""
@@ -170,7 +185,8 @@ class TVMSession:
         self.tvm = tvm
         self.vm = tvm_vm.VirtualMachine(self.module, self.device)
         weights = read_safetensors(bundle / manifest["weights"])
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(weights[n]), self.device) for n in manifest["model"]["parameter_order"]]
+        stored = [tvm.runtime.tensor(np.ascontiguousarray(weights[n]), self.device) for n in manifest["model"]["parameter_order"]]
+        self.params = tvm_parameters(self.vm, stored)
         self.inputs = manifest["model"]["inputs"]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -68,7 +68,7 @@ def run_onnx(out_dir: Path, inputs: dict[str, np.ndarray], providers=("CPUExecut
 
 
 def run_tvm(out_dir: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from .bundle_runtime import use_all_cores
+    from .bundle_runtime import tvm_parameters, use_all_cores
 
     use_all_cores()
     import tvm
@@ -82,8 +82,8 @@ def run_tvm(out_dir: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     weights = load_file(str(out_dir / model.get("inference_weights", "weights.safetensors")))
     device = tvm.cpu()
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out_dir / "model.tvm.so")), device)
-    args = [tvm.runtime.tensor(v, device) for v in inputs.values()] + [tvm.runtime.tensor(weights[n], device) for n in order]
-    result = vm["main"](*args)
+    params = tvm_parameters(vm, [tvm.runtime.tensor(weights[n], device) for n in order])
+    result = vm["main"](*[tvm.runtime.tensor(v, device) for v in inputs.values()], *params)
     results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
     return [r.numpy() for r in results]
 

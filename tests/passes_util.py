@@ -60,11 +60,12 @@ def run_tvm(graph: Graph, weights: dict, inputs: dict) -> list[np.ndarray]:
 
     from lbdlc.backends.tvm import compile_library
 
+    from lbdlc.bundle_runtime import tvm_parameters
+
     device = tvm.cpu()
     vm = relax.VirtualMachine(compile_library(graph), device)
-    args = [tvm.runtime.tensor(v, device) for v in inputs.values()]
-    args += [tvm.runtime.tensor(weights[n].numpy(), device) for n in graph.inference_params()]
-    result = vm["main"](*args)
+    params = tvm_parameters(vm, [tvm.runtime.tensor(weights[n].numpy(), device) for n in graph.inference_params()])
+    result = vm["main"](*[tvm.runtime.tensor(v, device) for v in inputs.values()], *params)
     return [r.numpy() for r in ([result] if isinstance(result, tvm.runtime.Tensor) else list(result))]
 
 

@@ -2,6 +2,7 @@
 kernel, that linear layers read their weights in place, that scheduled libraries compute what
 TVM's naive loops and ONNX Runtime compute (odd sizes, symbolic batch and sequence, a padded
 vocabulary, register tiles of 4 and 7 pixels), and that the schedule is really faster."""
+import re
 import time
 
 import numpy as np
@@ -41,13 +42,13 @@ def rule_of_each_kernel(graph) -> dict[str, str | None]:
 
 def test_rules_take_the_kernels_that_dominate():
     gpt = rule_of_each_kernel(spec_graph(SPECS / "gpt2.yaml", GPT))
-    dense = {k: v for k, v in gpt.items() if "dense" in k}
+    dense = {k: v for k, v in gpt.items() if "dense" in k and not k.startswith("pack_")}
     assert len(dense) == 5 and set(dense.values()) == {"Matmul"}  # q/k/v, out_proj, c_fc + gelu, c_proj + residual, LM head
     assert gpt["attention_scores"] == gpt["attention_weighted"] == "Matmul"
     assert gpt["attention_softmax"] == "Reduction"
     resnet = PassManager(LEVELS[2]).run(spec_graph(SPECS / "resnet50.yaml", RESNET)).graph
     kernels = rule_of_each_kernel(resnet)
-    convs = {k: v for k, v in kernels.items() if "conv2d" in k}
+    convs = {k: v for k, v in kernels.items() if "conv2d" in k and not k.startswith("pack_")}
     assert len(convs) > 20 and set(convs.values()) == {"Conv2d"}
 
 
@@ -59,16 +60,28 @@ def test_linear_layers_read_their_weights_in_place():
     assert "dense3" in names  # the tied LM head reads wte.weight as stored
 
 
+@pytest.mark.parametrize("spec, overrides, kernels", [("gpt2.yaml", GPT, 7), ("resnet50.yaml", RESNET, 50)], ids=["gpt2", "resnet50"])
+def test_weights_are_packed_once_when_loaded_not_on_every_call(spec, overrides, kernels):
+    """Every weight-packing kernel runs in main_transform_params (once, when the runtime loads
+    the weights); main calls none."""
+    graph = PassManager(LEVELS[2]).run(spec_graph(SPECS / spec, overrides)).graph
+    mod, _ = fused(graph)
+    called = {name: re.findall(r"call_tir\((?:cls\.)?(\w+)", mod[name].script()) for name in ("main", "main_transform_params")}
+    assert len([k for k in called["main_transform_params"] if k.startswith("pack_")]) >= kernels  # one call per weight
+    assert called["main"] and not [k for k in called["main"] if k.startswith("pack_")]
+
+
 def run_library(graph, weights: dict, inputs: dict, schedule: bool) -> list[np.ndarray]:
     import tvm
     from lbdlc.backends.tvm import compile_library
     from tvm import relax
 
+    from lbdlc.bundle_runtime import tvm_parameters
+
     device = tvm.cpu()
     vm = relax.VirtualMachine(compile_library(graph, schedule=schedule), device)
-    args = [tvm.runtime.tensor(v, device) for v in inputs.values()]
-    args += [tvm.runtime.tensor(weights[n].numpy(), device) for n in graph.inference_params()]
-    result = vm["main"](*args)
+    params = tvm_parameters(vm, [tvm.runtime.tensor(weights[n].numpy(), device) for n in graph.inference_params()])
+    result = vm["main"](*[tvm.runtime.tensor(v, device) for v in inputs.values()], *params)
     return [r.numpy() for r in ([result] if isinstance(result, tvm.runtime.Tensor) else list(result))]
 
 
@@ -101,10 +114,14 @@ def test_scheduled_dense_is_faster_than_naive_loops(write_spec):
 
     device = tvm.cpu()
     rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal(s).astype(np.float32), device) for s in [(1, 64, 256), (1024, 256), (1024,)]]
+    from lbdlc.bundle_runtime import tvm_parameters
+
+    x, *weights = [tvm.runtime.tensor(rng.standard_normal(s).astype(np.float32), device) for s in [(1, 64, 256), (1024, 256), (1024,)]]
     best = {}
     for schedule in (True, False):
-        fn = relax.VirtualMachine(compile_library(graph, schedule=schedule), device)["main"]
+        vm = relax.VirtualMachine(compile_library(graph, schedule=schedule), device)
+        args = [x, *tvm_parameters(vm, weights)]
+        fn = vm["main"]
         fn(*args)
         times = []
         for _ in range(3):
