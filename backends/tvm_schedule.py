@@ -16,6 +16,10 @@ schedule from its shape alone, the way dlight does for GPUs, without measuring a
 - `Conv2d` (NCHW, any kernel size, stride, dilation and padding, groups 1): the same
   micro-kernel with output channels as the vector axis (the kernel packed to
   [O/nr, I, KH, KW, nr] once per call) and `wr` output pixels of a row as the register rows.
+- `DepthwiseConv2d` (groups = channels, MobileNet's 3x3 layers): a run of output pixels of a
+  row as the vector accumulator, the taps unrolled, the padded input rows an output row reads
+  made right before it (a separate padding pass over the whole map, with a division per
+  element, took 9 of the 11 ms of a stride-2 layer).
 - `Reduction` (layer norm, softmax, mean, ...): TVM's own `dlight.cpu.Reduction`.
 - `Elementwise` (any remaining kernel of injective blocks): producers inlined, the loops of
   the output fused, vectorized and split over the cores.
@@ -395,6 +399,79 @@ class Conv2d(ScheduleRule):
         return sch
 
 
+class DepthwiseConv2d(ScheduleRule):
+    """out[n, c, y, x] = sum_{ky, kx} pad(data)[n, c, y*s + ky*d, x*s + kx*d] * w[c, 0, ky, kx]
+    (groups = channels, MobileNet's 3x3 layers), then an elementwise tail: a run of `xr`
+    output pixels of a row is the vector accumulator, the kernel taps unrolled, (channel, row)
+    pairs over the cores."""
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        found = _one_reduction(sch)
+        if found is None:
+            return None
+        blocks, main, stmt, kinds = found
+        iters = list(stmt.iter_vars)
+        if kinds != "SSSSRRR" or len(stmt.writes) != 1 or get_static(iters[4].dom.extent) != 1:
+            return None
+        nn, ff, yy, xx, rc, ry, rx = (iv.var.name for iv in iters)
+        out = stmt.writes[0]
+        if [_vars_in(r.min) for r in out.region] != [{nn}, {ff}, {yy}, {xx}]:
+            return None
+        operands = [r for r in stmt.reads if not r.source.same_as(out.source)]
+        uses = [_region_vars(r) for r in operands]
+        if len(operands) != 2 or not any(u == [{ff}, {rc}, {ry}, {rx}] for u in uses):
+            return None
+        if not any(len(u) == 4 and u[0] == {nn} and u[1] == {ff, rc} and u[2] <= {yy, ry} and u[3] <= {xx, rx} for u in uses):
+            return None
+        work = _static_work([get_static(iv.dom.extent) for iv in iters])
+        if work < SMALL_WORK:
+            return None
+        padding = []
+        for b in blocks[: [sch.get(b) for b in blocks].index(stmt)]:
+            if _is_reduction(sch, b):
+                return None
+            if "if_then_else" not in str(sch.get(b).body):
+                sch.compute_inline(b)
+            else:
+                padding.append(b)
+        epilogue = _epilogue(sch, _blocks(sch), main)
+        if epilogue is False:
+            return None
+        width = get_static(out.source.shape[3])
+        xr = _pick(width, [16, LANES, 7, 4], None) if isinstance(width, int) else None
+        if xr is None:
+            return None
+        l_n, l_f, l_y, l_x, l_c, l_ky, l_kx = sch.get_loops(main)
+        xo, xi = sch.split(l_x, factors=[None, xr])
+        sch.reorder(l_n, l_f, l_y, xo, l_c, l_ky, l_kx, xi)
+        acc = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
+        if epilogue is not None:
+            try:
+                sch.reverse_compute_inline(epilogue)
+            except Exception:  # noqa: BLE001
+                _schedule_elementwise(sch, epilogue)
+        sch.reverse_compute_at(acc, xo, preserve_unit_loops=True)
+        outer = sch.fuse(l_f, l_y)
+        for b in padding:  # the padded input rows one output row reads, made right before it
+            sch.compute_at(b, outer, preserve_unit_loops=True)
+            pad_loops = sch.get_loops(b)
+            inner = pad_loops[-1]
+            if isinstance(get_extent(sch, inner), int) and get_extent(sch, inner) >= LANES:
+                _, lanes = sch.split(inner, factors=[None, LANES])
+                sch.vectorize(lanes)
+        if work >= PARALLEL_WORK:
+            sch.parallel(outer)
+        sch.unroll(l_ky)
+        sch.unroll(l_kx)
+        sch.vectorize(xi)
+        sch.decompose_reduction(main, l_c)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        return sch
+
+
 def conv_tile(channels, width) -> tuple[int, int] | None:
     """(nr output channels: the vector axis, wr output pixels of a row: the unrolled rows) of
     the Conv2d rule's register tile; None when the channels are no multiple of a vector."""
@@ -462,7 +539,7 @@ class Guarded(ScheduleRule):
 def rules() -> list[ScheduleRule]:
     from tvm.s_tir import dlight as dl
 
-    return [Guarded(r) for r in (Small(), Matmul(), Conv2d(), dl.cpu.Reduction(), Elementwise())]
+    return [Guarded(r) for r in (Small(), Matmul(), Conv2d(), DepthwiseConv2d(), dl.cpu.Reduction(), Elementwise())]
 
 
 def default_schedule(func, target):

@@ -15,6 +15,7 @@ from test_parity import TOLERANCE
 
 GPT = ("n_layer=1", "d_model=64", "n_head=4", "vocab=1001", "ctx=64")  # 1001: no multiple of 8
 RESNET = ("inputs.image.shape=[batch, 3, 56, 56]", "classes=10")  # maps of 28, 14, 7 and 4 pixels
+MOBILENET = ("inputs.image.shape=[batch, 3, 56, 56]", "classes=10")  # depthwise layers of stride 1 and 2
 
 
 def fused(graph):
@@ -50,6 +51,9 @@ def test_rules_take_the_kernels_that_dominate():
     kernels = rule_of_each_kernel(resnet)
     convs = {k: v for k, v in kernels.items() if "conv2d" in k and not k.startswith("pack_")}
     assert len(convs) > 20 and set(convs.values()) == {"Conv2d"}
+    mobilenet = PassManager(LEVELS[2]).run(spec_graph(SPECS / "mobilenet_v2.yaml", MOBILENET)).graph
+    convs = [v for k, v in rule_of_each_kernel(mobilenet).items() if "conv2d" in k and not k.startswith("pack_")]
+    assert convs.count("DepthwiseConv2d") >= 6 and None not in convs  # (a 2-pixel map: dlight's Reduction)
 
 
 def test_linear_layers_read_their_weights_in_place():
@@ -89,7 +93,8 @@ def run_library(graph, weights: dict, inputs: dict, schedule: bool) -> list[np.n
 @pytest.mark.parametrize("spec, overrides, sizes", [
     ("gpt2.yaml", GPT, [{"batch": 3, "seq": 5}, {"batch": 1, "seq": 9}]),
     ("resnet50.yaml", RESNET, [{"batch": 2}]),
-], ids=["gpt2", "resnet50"])
+    ("mobilenet_v2.yaml", MOBILENET, [{"batch": 2}]),
+], ids=["gpt2", "resnet50", "mobilenet_v2"])
 def test_scheduled_library_computes_what_naive_loops_and_onnx_runtime_compute(spec, overrides, sizes):
     path = SPECS / spec
     result = PassManager(LEVELS[2]).run(spec_graph(path, overrides), perturbed_weights(path, overrides))
