@@ -110,6 +110,49 @@ def _one_reduction(sch):
     return blocks, reductions[0], stmt, kinds
 
 
+def _one_reduction_kernel(func, target):
+    """(a schedule of func, then what _one_reduction gives) for a CPU kernel with one reduction."""
+    if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        return None
+    sch = s_tir.Schedule(func)
+    found = _one_reduction(sch)
+    return None if found is None else (sch, *found)
+
+
+def _conv_kernel(func, target):
+    """An NCHW convolution: one reduction over (c, ky, kx) writing out[n, f, y, x], two operands.
+    (schedule, blocks, that block, its statement, its seven iterator names, the output region,
+    the operand regions, the iterators each operand dimension uses), or None."""
+    found = _one_reduction_kernel(func, target)
+    if found is None:
+        return None
+    sch, blocks, main, stmt, kinds = found
+    if kinds != "SSSSRRR" or len(stmt.writes) != 1:
+        return None
+    names = tuple(iv.var.name for iv in stmt.iter_vars)
+    out = stmt.writes[0]
+    if [_vars_in(r.min) for r in out.region] != [{v} for v in names[:4]]:
+        return None
+    operands = [r for r in stmt.reads if not r.source.same_as(out.source)]
+    if len(operands) != 2:
+        return None
+    return sch, blocks, main, stmt, names, out, operands, [_region_vars(r) for r in operands]
+
+
+def _padding_blocks(sch, blocks, stmt) -> list | None:
+    """The blocks before a convolution: identity copies inlined; the padding blocks (which
+    stay loop nests of their own) returned; None when one of them is a reduction."""
+    padding = []
+    for b in blocks[: [sch.get(b) for b in blocks].index(stmt)]:
+        if _is_reduction(sch, b):
+            return None
+        if "if_then_else" not in str(sch.get(b).body):
+            sch.compute_inline(b)
+        else:
+            padding.append(b)
+    return padding
+
+
 def _is_cpu(target: Target) -> bool:
     return target.kind.name == "llvm"
 
@@ -160,13 +203,10 @@ class Matmul(ScheduleRule):
         self.mr, self.nr, self.pack = mr, nr, pack
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
-            return None
-        sch = s_tir.Schedule(func)
-        found = _one_reduction(sch)
+        found = _one_reduction_kernel(func, target)
         if found is None:
             return None
-        blocks, main, stmt, kinds = found
+        sch, blocks, main, stmt, kinds = found
         iters = list(stmt.iter_vars)
         before = blocks[: [sch.get(b) for b in blocks].index(stmt)]
         if kinds.count("R") != 1 or not kinds.endswith("R") or len(iters) < 3:
@@ -318,26 +358,13 @@ class Conv2d(ScheduleRule):
     then an elementwise tail (bias, residual, activation)."""
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
-            return None
-        sch = s_tir.Schedule(func)
-        found = _one_reduction(sch)
+        found = _conv_kernel(func, target)
         if found is None:
             return None
-        blocks, main, stmt, kinds = found
+        sch, blocks, main, stmt, (nn, ff, yy, xx, rc, ry, rx), out, operands, uses = found
         iters = list(stmt.iter_vars)
-        if kinds != "SSSSRRR" or len(stmt.writes) != 1:
-            return None
-        nn, ff, yy, xx, rc, ry, rx = (iv.var.name for iv in iters)
-        out = stmt.writes[0]
-        if [_vars_in(r.min) for r in out.region] != [{nn}, {ff}, {yy}, {xx}]:
-            return None
-        operands = [r for r in stmt.reads if not r.source.same_as(out.source)]
-        if len(operands) != 2:
-            return None
-        uses = [_region_vars(r) for r in operands]
         # The weight as stored [O, I, KH, KW], or packed before the call [O / nr, I, KH, KW, nr]
-        # (pack_weights: once, in main_transform_params).
+        # (cpu_legalize: once, in main_transform_params).
         w_i = [i for i, u in enumerate(uses) if u in ([{ff}, {rc}, {ry}, {rx}], [{ff}, {rc}, {ry}, {rx}, {ff}])]
         d_i = [i for i, u in enumerate(uses) if u[:2] == [{nn}, {rc}] and len(u) == 4 and u[2] <= {yy, ry} and u[3] <= {xx, rx}]
         if len(w_i) != 1 or len(d_i) != 1:
@@ -354,14 +381,11 @@ class Conv2d(ScheduleRule):
             return None
         nr, wr = tile
         # The padded input: an identity copy is inlined, real padding stays a (parallel) pass.
-        producers = blocks[: [sch.get(b) for b in blocks].index(stmt)]
-        for b in producers:
-            if _is_reduction(sch, b):
-                return None
-            if "if_then_else" not in str(sch.get(b).body):
-                sch.compute_inline(b)
-            else:
-                _schedule_elementwise(sch, b)
+        padding = _padding_blocks(sch, blocks, stmt)
+        if padding is None:
+            return None
+        for b in padding:
+            _schedule_elementwise(sch, b)
         epilogue = _epilogue(sch, _blocks(sch), main)
         if epilogue is False:
             return None
@@ -406,37 +430,21 @@ class DepthwiseConv2d(ScheduleRule):
     pairs over the cores."""
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
-            return None
-        sch = s_tir.Schedule(func)
-        found = _one_reduction(sch)
+        found = _conv_kernel(func, target)
         if found is None:
             return None
-        blocks, main, stmt, kinds = found
+        sch, blocks, main, stmt, (nn, ff, yy, xx, rc, ry, rx), out, operands, uses = found
         iters = list(stmt.iter_vars)
-        if kinds != "SSSSRRR" or len(stmt.writes) != 1 or get_static(iters[4].dom.extent) != 1:
-            return None
-        nn, ff, yy, xx, rc, ry, rx = (iv.var.name for iv in iters)
-        out = stmt.writes[0]
-        if [_vars_in(r.min) for r in out.region] != [{nn}, {ff}, {yy}, {xx}]:
-            return None
-        operands = [r for r in stmt.reads if not r.source.same_as(out.source)]
-        uses = [_region_vars(r) for r in operands]
-        if len(operands) != 2 or not any(u == [{ff}, {rc}, {ry}, {rx}] for u in uses):
+        if get_static(iters[4].dom.extent) != 1 or not any(u == [{ff}, {rc}, {ry}, {rx}] for u in uses):
             return None
         if not any(len(u) == 4 and u[0] == {nn} and u[1] == {ff, rc} and u[2] <= {yy, ry} and u[3] <= {xx, rx} for u in uses):
             return None
         work = _static_work([get_static(iv.dom.extent) for iv in iters])
         if work < SMALL_WORK:
             return None
-        padding = []
-        for b in blocks[: [sch.get(b) for b in blocks].index(stmt)]:
-            if _is_reduction(sch, b):
-                return None
-            if "if_then_else" not in str(sch.get(b).body):
-                sch.compute_inline(b)
-            else:
-                padding.append(b)
+        padding = _padding_blocks(sch, blocks, stmt)
+        if padding is None:
+            return None
         epilogue = _epilogue(sch, _blocks(sch), main)
         if epilogue is False:
             return None
