@@ -36,6 +36,10 @@ def print_report(manifest: dict, out) -> None:
         out.print(f"int8 {int8['method']}{how}: model.onnx {int8['onnx_bytes_before']:,} -> {int8['onnx_bytes_after']:,} bytes "
                   f"(per_channel {int8['per_channel']}, reduce_range {int8['reduce_range']}, {int8['weights']} weights; CPU {vnni})",
                   markup=False)
+        qat = int8.get("qat")
+        if qat:
+            out.print(f"  activation ranges from training (qat): {len(qat['trained'])} from {qat['ranges_from']}, "
+                      f"{len(qat['calibrated'])} calibrated", markup=False)
         for r in int8["layers"]:
             out.print(f"  {r['param']:<28} int8 weight: max |error| {r['max_abs_error']:.3g}, rel RMS {r['rel_rms_error']:.3g}", markup=False)
         _outputs(int8["outputs"], int8["samples"], out)

@@ -240,6 +240,15 @@ def test_the_deployed_int8_model_scores_what_qat_training_reported(tmp_path, one
     result = build(spec, tmp_path / "deployed", BuildOptions(weights=run / "weights.safetensors", backends=("onnx",)))
     report = result.manifest["quantization_int8"]["qat"]
     assert report["calibrated"] == [] and report["trained"] == ["fc1", "fc2", "head", "relu_1", "relu_2", "x"]
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lbdlc.cli_quant import print_report
+
+    printed = Console(file=StringIO(), width=200)
+    print_report(result.manifest, printed)
+    assert "activation ranges from training (qat): 6 from " in printed.file.getvalue() and ", 0 calibrated" in printed.file.getvalue()
     model = onnx.load(str(result.out_dir / "model.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for tensor, r in saved["tensors"].items():
