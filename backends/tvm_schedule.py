@@ -259,6 +259,9 @@ class Matmul(ScheduleRule):
         epilogue = _epilogue(sch, _blocks(sch), main)
         if epilogue is False:
             return None
+        # A tail that writes fewer elements than the tile computes (the columns of a last,
+        # zero-filled weight panel dropped) stays a loop nest of its own as well.
+        partial = epilogue is not None and not _same_size(sch.get(main).writes[0].source, sch.get(epilogue).writes[0].source)
 
         extents = [get_static(iv.dom.extent) for iv in iters]
         work = _static_work(extents)
@@ -295,7 +298,7 @@ class Matmul(ScheduleRule):
                 sch.transform_layout(packed, ("write", 0), lambda nn, kk: (nn // nr, kk, nn % nr))
             _pack_loops(sch, packed, nr, parallel=True, n_first=b_dims != [k, n])
         acc = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
-        if padded:
+        if padded or partial:
             # The tail (and the copy out of the padded result) stays a loop nest of its own:
             # reverse_compute_inline into the padded tile drops the bound on n (TVM 0.27) and
             # would write past the output.
@@ -315,6 +318,19 @@ class Matmul(ScheduleRule):
         wloops = sch.get_loops(acc)
         sch.vectorize(wloops[-1])
         return sch
+
+
+def _same_size(a, b) -> bool:
+    """Whether two buffers provably hold as many elements."""
+    from tvm import arith
+
+    def numel(buffer):
+        total = tirx.const(1, "int64")
+        for d in buffer.shape:
+            total = total * d
+        return total
+
+    return arith.Analyzer().can_prove_equal(numel(a), numel(b))
 
 
 def _pack_loops(sch, packed, nr: int, parallel: bool, n_first: bool = True) -> None:

@@ -106,6 +106,20 @@ def test_scheduled_library_computes_what_naive_loops_and_onnx_runtime_compute(sp
         assert max_diff(scheduled, run_onnx(graph, weights, inputs)) <= TOLERANCE
 
 
+@pytest.mark.parametrize("out_features, seq, relu", [(50, 5, False), (50, 8, True), (1001, 3, False)])
+def test_a_partial_last_weight_panel_writes_only_the_real_columns(write_spec, out_features, seq, relu):
+    """Out features no multiple of 16: the packed weight's last panel is zero-filled and the
+    kernel's tail drops its extra columns (inlined into the tile, it wrote past the output)."""
+    from test_parity import random_weights
+
+    path = write_spec(f"lbdlc: 1\ninputs:\n  x: {{shape: [batch, seq, 16]}}\nlayers:\n"
+                      f"  - {{name: fc, op: linear, out_features: {out_features}}}\n" + ("  - {op: relu}\n" if relu else ""))
+    graph = spec_graph(path)
+    weights = random_weights(path)
+    inputs = inputs_for(graph, {"batch": 1, "seq": seq})
+    assert max_diff(run_library(graph, weights, inputs, schedule=True), run_onnx(graph, weights, inputs)) <= TOLERANCE
+
+
 @pytest.mark.slow
 def test_scheduled_dense_is_faster_than_naive_loops(write_spec):
     """A 64x256 -> 1024 linear layer + GELU (17 M multiply-adds): the scheduled kernel at
