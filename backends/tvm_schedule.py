@@ -322,7 +322,7 @@ class Matmul(ScheduleRule):
 
 def _same_size(a, b) -> bool:
     """Whether two buffers provably hold as many elements."""
-    from tvm import arith
+    from tvm.sym import Analyzer
 
     def numel(buffer):
         total = tirx.const(1, "int64")
@@ -330,7 +330,7 @@ def _same_size(a, b) -> bool:
             total = total * d
         return total
 
-    return arith.Analyzer().can_prove_equal(numel(a), numel(b))
+    return Analyzer().can_prove_equal(numel(a), numel(b))
 
 
 def _pack_loops(sch, packed, nr: int, parallel: bool, n_first: bool = True) -> None:
