@@ -450,12 +450,12 @@ class DepthwiseConv2d(ScheduleRule):
         if found is None:
             return None
         sch, blocks, main, stmt, (nn, ff, yy, xx, rc, ry, rx), out, operands, uses = found
-        iters = list(stmt.iter_vars)
-        if get_static(iters[4].dom.extent) != 1 or not any(u == [{ff}, {rc}, {ry}, {rx}] for u in uses):
-            return None
+        extents = [get_static(iv.dom.extent) for iv in stmt.iter_vars]
+        if extents[4] != 1 or not any(u == [{ff}, {rc}, {ry}, {rx}] for u in uses):
+            return None  # one input channel per output channel, a weight [C, 1, KH, KW]
         if not any(len(u) == 4 and u[0] == {nn} and u[1] == {ff, rc} and u[2] <= {yy, ry} and u[3] <= {xx, rx} for u in uses):
             return None
-        work = _static_work([get_static(iv.dom.extent) for iv in iters])
+        work = _static_work(extents)
         if work < SMALL_WORK:
             return None
         padding = _padding_blocks(sch, blocks, stmt)
