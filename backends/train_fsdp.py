@@ -20,10 +20,10 @@ import re
 
 from lbdlc.errors import SpecError
 
-DEFINE_BEFORE = "def train(args: argparse.Namespace) -> dict:\n"
+from .train_script import DEFINE_BEFORE, OPTIMIZER_MADE, insert
 # generated text -> its FSDP version; each must occur exactly once where it applies
 REPLACE = [
-    ("    optimizer = make_optimizer(raw_model)\n",
+    (OPTIMIZER_MADE,
      "    if world > 1:  # FSDP: shard before the optimizer sees the parameters\n"
      "        units = shard_model(raw_model)\n"
      "        if rank == 0:\n"
@@ -118,7 +118,7 @@ def patch(text: str, plan) -> str:
     if len(DDP_LINE.findall(text)) != 1:
         raise AssertionError("train_fsdp: no single DistributedDataParallel line in the generated train.py")
     text = DDP_LINE.sub("    model = raw_model  # FSDP: sharded by shard_model above, no DDP wrapper", text)
-    return text.replace(DEFINE_BEFORE, code(plan) + "\n\n" + DEFINE_BEFORE)
+    return insert(text, "train_fsdp", [(DEFINE_BEFORE, "before", code(plan) + "\n\n")])
 
 
 def refuse_unsupported(loaded, plan) -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import pprint
 
-DEFINE_BEFORE = "def train(args: argparse.Namespace) -> dict:\n"
-FREEZE_AFTER = "    raw_model.to(device)\n"
-SAVE_AFTER = '        save_file(weights_of(raw_model), str(out / "weights.safetensors"))\n'
+from .train_script import DEFINE_BEFORE, MODEL_READY, WEIGHTS_SAVED, insert
 
 
 def _config(plan) -> dict:
@@ -76,10 +74,8 @@ def save_adapter(model: nn.Module, out: Path) -> None:
 def patch(text: str, plan) -> str:
     if getattr(plan, "finetune", None) is None:
         return text
-    for anchor in (DEFINE_BEFORE, FREEZE_AFTER, SAVE_AFTER):
-        if text.count(anchor) != 1:  # train_script.py changed under us: a bug, not a user error
-            raise AssertionError(f"train_lora: the generated train.py has {text.count(anchor)} copies of {anchor.strip()!r}")
-    text = text.replace(DEFINE_BEFORE, code(plan) + "\n\n" + DEFINE_BEFORE)
-    text = text.replace(FREEZE_AFTER, FREEZE_AFTER + "    freeze_for_finetune(raw_model, rank)  # `finetune:`: only TRAINABLE trains\n")
-    text = text.replace(SAVE_AFTER, SAVE_AFTER + "        save_adapter(raw_model, out)  # the LoRA adapters, PEFT's layout\n")
-    return text
+    return insert(text, "train_lora", [
+        (DEFINE_BEFORE, "before", code(plan) + "\n\n"),
+        (MODEL_READY, "after", "    freeze_for_finetune(raw_model, rank)  # `finetune:`: only TRAINABLE trains\n"),
+        (WEIGHTS_SAVED, "after", "        save_adapter(raw_model, out)  # the LoRA adapters, PEFT's layout\n"),
+    ])

@@ -18,8 +18,7 @@ backends/train_qat_int8.py; `patch` applies it too.
 """
 from __future__ import annotations
 
-DEFINE_BEFORE = "def train(args: argparse.Namespace) -> dict:\n"
-PREPARE_AFTER = "    raw_model.to(device)\n"
+from .train_script import DEFINE_BEFORE, MODEL_READY, insert
 
 
 def code(plan) -> str:
@@ -93,8 +92,7 @@ def patch(text: str, plan) -> str:
     text = train_qat_int8.patch(text, plan)
     if not getattr(plan, "qat", None):
         return text
-    for anchor in (DEFINE_BEFORE, PREPARE_AFTER):
-        if text.count(anchor) != 1:  # train_script.py changed under us: a bug, not a user error
-            raise AssertionError(f"train_qat: the generated train.py has {text.count(anchor)} copies of {anchor.strip()!r}")
-    text = text.replace(DEFINE_BEFORE, code(plan) + "\n\n" + DEFINE_BEFORE)
-    return text.replace(PREPARE_AFTER, PREPARE_AFTER + "    simulate_quantization(raw_model)  # QAT: train with the deployed weights\n")
+    return insert(text, "train_qat", [
+        (DEFINE_BEFORE, "before", code(plan) + "\n\n"),
+        (MODEL_READY, "after", "    simulate_quantization(raw_model)  # QAT: train with the deployed weights\n"),
+    ])

@@ -35,13 +35,9 @@ the deployed model quantizes activations with the scales training used.
 """
 from __future__ import annotations
 
-QAT_RANGES = "qat_ranges.json"
-DEFINE_BEFORE = "def train(args: argparse.Namespace) -> dict:\n"
-PREPARE_AFTER = "    raw_model.to(device)\n"
-CHECKPOINT_SAVE_AFTER = '    torch.save(state, tmp / "training_state.pt")\n'
-CHECKPOINT_LOAD_AFTER = '    model.load_state_dict(load_file(str(path / "weights.safetensors")))\n'
-SCHEDULE_BEFORE = "    optimizer = make_optimizer(raw_model)\n"
-FINAL_SAVE_AFTER = '        save_file(weights_of(raw_model), str(out / "weights.safetensors"))\n'
+from lbdlc.quant_qat import QAT_RANGES
+
+from .train_script import CHECKPOINT_LOADED, CHECKPOINT_SAVED, DEFINE_BEFORE, MODEL_READY, OPTIMIZER_MADE, WEIGHTS_SAVED, insert
 
 
 def code(plan) -> str:
@@ -263,17 +259,15 @@ def load_qat_ranges(model: nn.Module, path: Path) -> None:
 def patch(text: str, plan) -> str:
     if not getattr(plan, "qat_int8", None):
         return text
-    anchors = (DEFINE_BEFORE, PREPARE_AFTER, SCHEDULE_BEFORE, CHECKPOINT_SAVE_AFTER, CHECKPOINT_LOAD_AFTER, FINAL_SAVE_AFTER)
-    for anchor in anchors:
-        if text.count(anchor) != 1:  # train_script.py changed under us: a bug, not a user error
-            raise AssertionError(f"train_qat_int8: the generated train.py has {text.count(anchor)} copies of {anchor.strip()!r}")
     if "\nimport functools\n" not in text:  # the standard modules QAT's code needs, in order
         text = text.replace("\nimport json\n", "\nimport functools\nimport json\n", 1)
     if "\nimport weakref\n" not in text:
         text = text.replace("\nimport time\n", "\nimport time\nimport weakref\n", 1)
-    text = text.replace(DEFINE_BEFORE, code(plan) + "\n\n" + DEFINE_BEFORE)
-    text = text.replace(PREPARE_AFTER, PREPARE_AFTER + "    simulate_int8_quantization(raw_model)  # QAT: train the int8 model ORT deploys\n")
-    text = text.replace(SCHEDULE_BEFORE, "    delay_int8_activations(raw_model, total_steps)\n" + SCHEDULE_BEFORE)
-    text = text.replace(CHECKPOINT_SAVE_AFTER, CHECKPOINT_SAVE_AFTER + "    save_qat_ranges(model, tmp / QAT_RANGES)\n")
-    text = text.replace(CHECKPOINT_LOAD_AFTER, CHECKPOINT_LOAD_AFTER + "    load_qat_ranges(model, path / QAT_RANGES)\n")
-    return text.replace(FINAL_SAVE_AFTER, FINAL_SAVE_AFTER + "        save_qat_ranges(raw_model, out / QAT_RANGES)\n")
+    return insert(text, "train_qat_int8", [
+        (DEFINE_BEFORE, "before", code(plan) + "\n\n"),
+        (MODEL_READY, "after", "    simulate_int8_quantization(raw_model)  # QAT: train the int8 model ORT deploys\n"),
+        (OPTIMIZER_MADE, "before", "    delay_int8_activations(raw_model, total_steps)\n"),
+        (CHECKPOINT_SAVED, "after", "    save_qat_ranges(model, tmp / QAT_RANGES)\n"),
+        (CHECKPOINT_LOADED, "after", "    load_qat_ranges(model, path / QAT_RANGES)\n"),
+        (WEIGHTS_SAVED, "after", "        save_qat_ranges(raw_model, out / QAT_RANGES)\n"),
+    ])

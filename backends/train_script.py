@@ -78,6 +78,29 @@ class _Writer:
         return f"model({args})"
 
 
+
+# Lines of the generated train.py, each there exactly once, where the optional features
+# (train_lora.py, train_qat.py, train_qat_int8.py, train_fsdp.py) insert their code.
+DEFINE_BEFORE = "def train(args: argparse.Namespace) -> dict:\n"  # their functions go before train()
+MODEL_READY = "    raw_model.to(device)\n"  # the model built, on its device, not yet wrapped
+OPTIMIZER_MADE = "    optimizer = make_optimizer(raw_model)\n"
+CHECKPOINT_SAVED = '    torch.save(state, tmp / "training_state.pt")\n'
+CHECKPOINT_LOADED = '    model.load_state_dict(load_file(str(path / "weights.safetensors")))\n'
+WEIGHTS_SAVED = '        save_file(weights_of(raw_model), str(out / "weights.safetensors"))\n'
+
+
+def insert(text: str, feature: str, edits: list[tuple[str, str, str]]) -> str:
+    """`edits`: (anchor, "before" | "after", code) applied to a generated train.py. Every
+    anchor must occur once: otherwise this file changed under the feature's patch (a bug, not
+    a user error)."""
+    for anchor, _, _ in edits:
+        if text.count(anchor) != 1:
+            raise AssertionError(f"{feature}: the generated train.py has {text.count(anchor)} copies of {anchor.strip()!r}")
+    for anchor, where, code in edits:
+        text = text.replace(anchor, code + anchor if where == "before" else anchor + code)
+    return text
+
+
 def generate(plan: Plan, model_name: str, lbdlc_version: str) -> str:
     w = _Writer(plan)
     t = plan.train
