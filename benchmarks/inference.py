@@ -151,22 +151,14 @@ def tvm_runner(artifact: dict, inputs: dict[str, np.ndarray]):
     """A TVM library with the -O2 build's weights (packed into its kernels' layouts once, here, as
     a deployment does), on every physical core. tvm_ffi imports torch if it can; blocking that
     keeps torch's thread pool out of this process."""
-    from lbdlc.bundle_runtime import read_safetensors, tvm_parameters, use_all_cores
-
-    use_all_cores()
     sys.modules.setdefault("torch", None)  # `import torch` now raises ImportError
+    from lbdlc.verify import tvm_model
+
+    fn, params = tvm_model(Path(artifact["build"]), Path(artifact["library"]))
     import tvm
     import tvm_ffi
-    from tvm.runtime.vm import VirtualMachine
 
-    build = Path(artifact["build"])
-    model = json.loads((build / "manifest.json").read_text())["model"]
-    weights = read_safetensors(build / model.get("inference_weights", "weights.safetensors"))
-    device = tvm.cpu()
-    vm = VirtualMachine(tvm.runtime.load_module(artifact["library"]), device)
-    params = tvm_parameters(vm, [tvm.runtime.tensor(np.ascontiguousarray(weights[n]), device) for n in model["parameter_order"]])
-    args = [tvm.runtime.tensor(v, device) for v in inputs.values()] + params
-    fn = vm["main"]
+    args = [tvm.runtime.tensor(v, tvm.cpu()) for v in inputs.values()] + params
 
     def run():
         r = fn(*args)

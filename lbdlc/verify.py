@@ -67,7 +67,11 @@ def run_onnx(out_dir: Path, inputs: dict[str, np.ndarray], providers=("CPUExecut
     return session.run(None, inputs)
 
 
-def run_tvm(out_dir: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+def tvm_model(out_dir: Path, library: Path | None = None) -> tuple:
+    """(main, its arguments after the inputs) of the build's TVM library, or of `library`
+    (compiled from the build's graph, so with the same parameter order): the build's inference
+    weights in `parameter_order`, packed once (bundle_runtime.tvm_parameters), TVM on every
+    physical core."""
     from .bundle_runtime import tvm_parameters, use_all_cores
 
     use_all_cores()
@@ -77,13 +81,19 @@ def run_tvm(out_dir: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
 
     out_dir = Path(out_dir)
     model = manifest(out_dir)["model"]
-    order = model["parameter_order"]
     # weights.inference.safetensors when passes rewrote weights (batch-norm folding)
     weights = load_file(str(out_dir / model.get("inference_weights", "weights.safetensors")))
     device = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out_dir / "model.tvm.so")), device)
-    params = tvm_parameters(vm, [tvm.runtime.tensor(weights[n], device) for n in order])
-    result = vm["main"](*[tvm.runtime.tensor(v, device) for v in inputs.values()], *params)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library or out_dir / "model.tvm.so")), device)
+    params = tvm_parameters(vm, [tvm.runtime.tensor(weights[n], device) for n in model["parameter_order"]])
+    return vm["main"], params
+
+
+def run_tvm(out_dir: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import tvm
+
+    main, params = tvm_model(out_dir)
+    result = main(*[tvm.runtime.tensor(v, tvm.cpu()) for v in inputs.values()], *params)
     results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
     return [r.numpy() for r in results]
 
