@@ -54,16 +54,16 @@ def run_pytorch(graph: Graph, weights: dict, inputs: dict) -> list[np.ndarray]:
     return [r.numpy() for r in (result if isinstance(result, tuple) else (result,))]
 
 
-def run_tvm(graph: Graph, weights: dict, inputs: dict) -> list[np.ndarray]:
+def run_tvm(graph: Graph, weights: dict, inputs: dict, schedule: bool = True) -> list[np.ndarray]:
+    """The graph's TVM library (`schedule=False`: TVM's naive loops) on these weights and inputs."""
     import tvm
     from tvm import relax
 
     from lbdlc.backends.tvm import compile_library
-
     from lbdlc.bundle_runtime import tvm_parameters
 
     device = tvm.cpu()
-    vm = relax.VirtualMachine(compile_library(graph), device)
+    vm = relax.VirtualMachine(compile_library(graph, schedule=schedule), device)
     params = tvm_parameters(vm, [tvm.runtime.tensor(weights[n].numpy(), device) for n in graph.inference_params()])
     result = vm["main"](*[tvm.runtime.tensor(v, device) for v in inputs.values()], *params)
     return [r.numpy() for r in ([result] if isinstance(result, tvm.runtime.Tensor) else list(result))]

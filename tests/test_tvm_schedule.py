@@ -10,7 +10,7 @@ import pytest
 from conftest import SPECS, perturbed_weights
 from lbdlc.passes import PassManager
 from lbdlc.passes.pipeline import LEVELS
-from passes_util import inputs_for, max_diff, run_onnx, spec_graph
+from passes_util import inputs_for, max_diff, run_onnx, run_tvm, spec_graph
 from test_parity import TOLERANCE
 
 GPT = ("n_layer=1", "d_model=64", "n_head=4", "vocab=1001", "ctx=64")  # 1001: no multiple of 8
@@ -75,20 +75,6 @@ def test_weights_are_packed_once_when_loaded_not_on_every_call(spec, overrides, 
     assert called["main"] and not [k for k in called["main"] if k.startswith("pack_")]
 
 
-def run_library(graph, weights: dict, inputs: dict, schedule: bool) -> list[np.ndarray]:
-    import tvm
-    from lbdlc.backends.tvm import compile_library
-    from tvm import relax
-
-    from lbdlc.bundle_runtime import tvm_parameters
-
-    device = tvm.cpu()
-    vm = relax.VirtualMachine(compile_library(graph, schedule=schedule), device)
-    params = tvm_parameters(vm, [tvm.runtime.tensor(weights[n].numpy(), device) for n in graph.inference_params()])
-    result = vm["main"](*[tvm.runtime.tensor(v, device) for v in inputs.values()], *params)
-    return [r.numpy() for r in ([result] if isinstance(result, tvm.runtime.Tensor) else list(result))]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("spec, overrides, sizes", [
     ("gpt2.yaml", GPT, [{"batch": 3, "seq": 5}, {"batch": 1, "seq": 9}]),
@@ -101,8 +87,8 @@ def test_scheduled_library_computes_what_naive_loops_and_onnx_runtime_compute(sp
     graph, weights = result.graph, result.weights
     for k, size in enumerate(sizes):
         inputs = inputs_for(graph, size, seed=k, int_high=1001)
-        scheduled = run_library(graph, weights, inputs, schedule=True)
-        assert max_diff(scheduled, run_library(graph, weights, inputs, schedule=False)) <= TOLERANCE
+        scheduled = run_tvm(graph, weights, inputs, schedule=True)
+        assert max_diff(scheduled, run_tvm(graph, weights, inputs, schedule=False)) <= TOLERANCE
         assert max_diff(scheduled, run_onnx(graph, weights, inputs)) <= TOLERANCE
 
 
@@ -117,7 +103,7 @@ def test_a_partial_last_weight_panel_writes_only_the_real_columns(write_spec, ou
     graph = spec_graph(path)
     weights = random_weights(path)
     inputs = inputs_for(graph, {"batch": 1, "seq": seq})
-    assert max_diff(run_library(graph, weights, inputs, schedule=True), run_onnx(graph, weights, inputs)) <= TOLERANCE
+    assert max_diff(run_tvm(graph, weights, inputs, schedule=True), run_onnx(graph, weights, inputs)) <= TOLERANCE
 
 
 @pytest.mark.slow
